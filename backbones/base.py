@@ -1,0 +1,171 @@
+"""The backbone contract shared by native and timm backbones (Hugging Face backbone semantics)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .selection import get_aligned_output_features_output_indices
+
+
+@dataclass
+class BackboneOutput:
+    """`feature_maps`: one (B, C_i, H_i, W_i) tensor per selected stage, in stage order."""
+
+    feature_maps: tuple[torch.Tensor, ...]
+
+
+class Backbone(nn.Module):
+    """A multi-scale feature extractor with selectable output stages.
+
+    Subclasses describe every stage (`stage_names`, channels, strides), list the modules that make
+    up each stage (`stage_modules`) and compute the selected maps (`forward_features`). This class
+    keeps `out_features` / `out_indices` aligned and verified, reports `channels` and `strides` of
+    the selection for necks and heads, and freezes early stages.
+    """
+
+    def __init__(
+        self,
+        stage_names: Sequence[str],
+        stage_channels: Sequence[int],
+        stage_strides: Sequence[int],
+        out_features: Sequence[str] | None = None,
+        out_indices: Sequence[int] | None = None,
+        in_channels: int = 3,
+    ) -> None:
+        super().__init__()
+        if not len(stage_names) == len(stage_channels) == len(stage_strides):
+            raise ValueError("stage_names, stage_channels and stage_strides must have one entry per stage")
+        self.stage_names = list(stage_names)
+        self.out_feature_channels = dict(zip(self.stage_names, (int(c) for c in stage_channels)))
+        self.out_feature_strides = dict(zip(self.stage_names, (int(s) for s in stage_strides)))
+        self.in_channels = in_channels
+        self.frozen_stages = 0  # stages [0, frozen_stages) are frozen
+        self._out_features, self._out_indices = get_aligned_output_features_output_indices(
+            out_features, out_indices, self.stage_names
+        )
+
+    # ---- selection ------------------------------------------------------------------------------
+    @property
+    def out_features(self) -> list[str]:
+        return list(self._out_features)
+
+    @out_features.setter
+    def out_features(self, out_features: Sequence[str] | None) -> None:
+        self.set_outputs(out_features=out_features)
+
+    @property
+    def out_indices(self) -> list[int]:
+        return list(self._out_indices)
+
+    @out_indices.setter
+    def out_indices(self, out_indices: Sequence[int] | None) -> None:
+        self.set_outputs(out_indices=out_indices)
+
+    def set_outputs(
+        self, out_features: Sequence[str] | None = None, out_indices: Sequence[int] | None = None
+    ) -> None:
+        """Select other output stages on a built backbone; both attributes are re-aligned."""
+        self._out_features, self._out_indices = get_aligned_output_features_output_indices(
+            out_features, out_indices, self.stage_names
+        )
+        self._outputs_changed()
+
+    def _outputs_changed(self) -> None:
+        """Keep per-output modules (`out_norms`, where a backbone has them) in step with the selection."""
+        if isinstance(getattr(self, "out_norms", None), OutputNorms):
+            self.out_norms.sync({name: self.out_feature_channels[name] for name in self._out_features})
+
+    @property
+    def selected_positions(self) -> list[int]:
+        """Positive positions in `stage_names` of the selected stages, ascending."""
+        return [i % len(self.stage_names) for i in self._out_indices]
+
+    # ---- description for necks and heads --------------------------------------------------------
+    @property
+    def channels(self) -> list[int]:
+        return [self.out_feature_channels[name] for name in self._out_features]
+
+    @property
+    def strides(self) -> list[int]:
+        return [self.out_feature_strides[name] for name in self._out_features]
+
+    @property
+    def feature_info(self) -> list[dict]:
+        """timm-style description of every stage: name, channels (`num_chs`) and `reduction`."""
+        return [
+            dict(name=n, num_chs=self.out_feature_channels[n], reduction=self.out_feature_strides[n])
+            for n in self.stage_names
+        ]
+
+    # ---- freezing -------------------------------------------------------------------------------
+    def stage_modules(self) -> list[list[nn.Module]]:
+        """The modules computing each stage of `stage_names` (used for freezing)."""
+        raise NotImplementedError
+
+    def freeze_stages(self, freeze_at: int) -> None:
+        """Freeze the stages at positions 0..freeze_at: -1 nothing, 0 the stem, N the stem and stages 1..N.
+
+        Frozen parameters stop requiring gradients and frozen modules stay in eval mode (BatchNorm
+        statistics, dropout and drop-path stay fixed) even when the model is put in training mode.
+        """
+        if not -1 <= freeze_at < len(self.stage_names):
+            raise ValueError(
+                f"freeze_at={freeze_at} is out of range: use -1 (nothing), 0 (the stem) up to "
+                f"{len(self.stage_names) - 1} (every stage of {self.stage_names})"
+            )
+        self.frozen_stages = freeze_at + 1
+        for modules in self.stage_modules()[: self.frozen_stages]:
+            for module in modules:
+                module.requires_grad_(False)
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> Backbone:
+        super().train(mode)
+        if not self.frozen_stages:
+            return self
+        for modules in self.stage_modules()[: self.frozen_stages]:
+            for module in modules:
+                module.eval()
+        return self
+
+    # ---- forward --------------------------------------------------------------------------------
+    def forward_features(self, pixel_values: torch.Tensor, positions: list[int]) -> tuple[torch.Tensor, ...]:
+        """Return the NCHW maps of the stages at `positions` (ascending positive indices)."""
+        raise NotImplementedError
+
+    def forward(self, pixel_values: torch.Tensor) -> BackboneOutput:
+        """(B, in_channels, H, W) -> BackboneOutput with one NCHW map per selected stage."""
+        if pixel_values.ndim != 4 or pixel_values.shape[1] != self.in_channels:
+            raise ValueError(
+                f"{type(self).__name__} expects pixel_values of shape (B, {self.in_channels}, H, W), "
+                f"got {tuple(pixel_values.shape)}"
+            )
+        return BackboneOutput(feature_maps=tuple(self.forward_features(pixel_values, self.selected_positions)))
+
+    def extra_repr(self) -> str:
+        return f"out_features={self._out_features}, channels={self.channels}, strides={self.strides}"
+
+
+class OutputNorms(nn.ModuleDict):
+    """One norm per selected stage, keyed by stage name (HF's `hidden_states_norms`).
+
+    `sync` follows a new selection: norms of stages still selected are kept, newly selected stages
+    get a freshly initialised norm, and deselected ones are removed so that no parameter sits
+    unused (which distributed training would reject).
+    """
+
+    def __init__(self, make_norm, channels: dict[str, int]) -> None:
+        super().__init__()
+        self._make_norm = make_norm
+        self.sync(channels)
+
+    def sync(self, channels: dict[str, int]) -> None:
+        for name in [n for n in self.keys() if n not in channels]:
+            del self[name]
+        for name, num_channels in channels.items():
+            if name not in self:
+                self[name] = self._make_norm(num_channels)
