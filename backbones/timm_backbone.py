@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Sequence
+from functools import partial
 
 import timm
 import torch
@@ -30,17 +31,21 @@ def _create_features_model(model_name: str, pretrained: bool, timm_kwargs: dict)
     if not timm.is_model(model_name):
         close = difflib.get_close_matches(model_name, timm.list_models(), n=5)
         raise ValueError(f"unknown timm model {model_name!r}" + (f"; did you mean {close}?" if close else ""))
-    if _has_fixed_input_size(model_name) and not {"dynamic_img_size", "strict_img_size"} & set(timm_kwargs):
-        timm_kwargs = {"dynamic_img_size": True, **timm_kwargs}  # accept any input size (Swin, ViT, ...)
+    create = partial(timm.create_model, model_name, pretrained=pretrained, features_only=True)
     try:
-        return timm.create_model(model_name, pretrained=pretrained, features_only=True, **timm_kwargs)
-    except (RuntimeError, AssertionError, NotImplementedError, TypeError) as error:
-        if "feature" in str(error).lower() or isinstance(error, AssertionError):
-            raise ValueError(
-                f"timm model {model_name!r} cannot be used as a backbone: it does not support "
-                f"features_only ({type(error).__name__}: {error})"
-            ) from error
-        raise
+        if _has_fixed_input_size(model_name) and not {"dynamic_img_size", "strict_img_size"} & set(timm_kwargs):
+            try:  # accept any input size (Swin, ViT, ...)
+                return create(dynamic_img_size=True, **timm_kwargs)
+            except TypeError as error:
+                if "dynamic_img_size" not in str(error):
+                    raise
+                # this model has no dynamic size: it only takes its pretrained input size
+        return create(**timm_kwargs)
+    except (RuntimeError, AssertionError, NotImplementedError) as error:
+        raise ValueError(
+            f"timm model {model_name!r} cannot be used as a backbone with {timm_kwargs or 'default arguments'}: "
+            f"timm.create_model(features_only=True) failed ({type(error).__name__}: {str(error) or 'no message'})"
+        ) from error
 
 
 class TimmBackbone(Backbone):
