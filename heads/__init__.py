@@ -1,0 +1,1 @@
+"""MaskFormer-style heads, the matcher, losses and post-processing."""
