@@ -1,0 +1,146 @@
+"""Multi-scale deformable attention (Deformable DETR), as used by the Mask2Former pixel decoder.
+
+Each query looks at `num_points` learned sampling locations around its reference point on each of
+`num_levels` feature maps, per head, and takes a softmax-weighted sum of the bilinearly sampled values.
+
+The sampling itself is a pure function behind a small dispatch point: `ms_deform_attn_core` (PyTorch,
+`grid_sample`) is the reference and the default, and a faster kernel (e.g. the CUDA op of the original
+code) can be added with `register_ms_deform_attn_implementation` and chosen by name per module.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+MSDeformAttnFn = Callable[
+    [torch.Tensor, Sequence[tuple[int, int]], Sequence[int], torch.Tensor, torch.Tensor], torch.Tensor
+]
+
+
+def ms_deform_attn_core(
+    value: torch.Tensor,
+    spatial_shapes: Sequence[tuple[int, int]],
+    level_start_index: Sequence[int],
+    sampling_locations: torch.Tensor,
+    attention_weights: torch.Tensor,
+) -> torch.Tensor:
+    """Sample every level bilinearly (zero padding outside) and take the weighted sum over levels and points.
+
+    value:              (B, S, num_heads, head_dim), the levels flattened one after the other (S = sum h*w)
+    spatial_shapes:     (h, w) of each level, Python ints
+    level_start_index:  offset of each level in S (the layout CUDA kernels take; here implied by the shapes)
+    sampling_locations: (B, Q, num_heads, num_levels, num_points, 2), (x, y) in [0, 1] of each level
+    attention_weights:  (B, Q, num_heads, num_levels, num_points), summing to 1 over levels and points
+    returns:            (B, Q, num_heads * head_dim)
+    """
+    batch, _, num_heads, head_dim = value.shape
+    _, num_queries, _, num_levels, num_points, _ = sampling_locations.shape
+    values = value.split([h * w for h, w in spatial_shapes], dim=1)
+    grids = 2 * sampling_locations - 1  # grid_sample's [-1, 1] coordinates, align_corners=False
+    sampled = []
+    for level, (height, width) in enumerate(spatial_shapes):
+        # (B, h*w, heads, d) -> (B*heads, d, h, w)
+        level_value = values[level].permute(0, 2, 3, 1).reshape(batch * num_heads, head_dim, height, width)
+        # (B, Q, heads, P, 2) -> (B*heads, Q, P, 2)
+        level_grid = grids[:, :, :, level].transpose(1, 2).flatten(0, 1)
+        sampled.append(
+            F.grid_sample(level_value, level_grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        )  # (B*heads, d, Q, P)
+    # (B*heads, d, Q, L*P) weighted by (B*heads, 1, Q, L*P)
+    weights = attention_weights.transpose(1, 2).reshape(batch * num_heads, 1, num_queries, num_levels * num_points)
+    output = (torch.stack(sampled, dim=-2).flatten(-2) * weights).sum(-1)
+    return output.view(batch, num_heads * head_dim, num_queries).transpose(1, 2)
+
+
+_IMPLEMENTATIONS: dict[str, MSDeformAttnFn] = {"pytorch": ms_deform_attn_core}
+
+
+def register_ms_deform_attn_implementation(name: str, fn: MSDeformAttnFn) -> None:
+    """Make `fn` (same signature and result as `ms_deform_attn_core`) selectable as `implementation=name`."""
+    _IMPLEMENTATIONS[name] = fn
+
+
+def get_ms_deform_attn_implementation(name: str) -> MSDeformAttnFn:
+    """The registered sampling function called `name` ("pytorch" is always there)."""
+    if name not in _IMPLEMENTATIONS:
+        raise ValueError(
+            f"unknown multi-scale deformable attention implementation {name!r}; registered: "
+            f"{sorted(_IMPLEMENTATIONS)} (add one with register_ms_deform_attn_implementation)"
+        )
+    return _IMPLEMENTATIONS[name]
+
+
+class MSDeformAttn(nn.Module):
+    """Multi-scale deformable attention with 2-d reference points (Deformable DETR's `MSDeformAttn`)."""
+
+    def __init__(
+        self,
+        embed_dim: int = 256,
+        num_levels: int = 3,
+        num_heads: int = 8,
+        num_points: int = 4,
+        implementation: str = "pytorch",
+    ) -> None:
+        super().__init__()
+        if embed_dim % num_heads:
+            raise ValueError(f"embed_dim={embed_dim} must be divisible by num_heads={num_heads}")
+        self.embed_dim = embed_dim
+        self.num_levels = num_levels
+        self.num_heads = num_heads
+        self.num_points = num_points
+        self.implementation = implementation
+        self.sample = get_ms_deform_attn_implementation(implementation)
+        self.sampling_offsets = nn.Linear(embed_dim, num_heads * num_levels * num_points * 2)
+        self.attention_weights = nn.Linear(embed_dim, num_heads * num_levels * num_points)
+        self.value_proj = nn.Linear(embed_dim, embed_dim)
+        self.output_proj = nn.Linear(embed_dim, embed_dim)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Deformable DETR's initialisation: head h starts sampling along direction 2*pi*h/num_heads."""
+        nn.init.zeros_(self.sampling_offsets.weight)
+        thetas = torch.arange(self.num_heads, dtype=torch.float32) * (2.0 * math.pi / self.num_heads)
+        grid = torch.stack([thetas.cos(), thetas.sin()], -1)
+        grid = (grid / grid.abs().max(-1, keepdim=True)[0]).view(self.num_heads, 1, 1, 2)
+        grid = grid.repeat(1, self.num_levels, self.num_points, 1)
+        grid = grid * torch.arange(1, self.num_points + 1, dtype=torch.float32).view(1, 1, -1, 1)
+        with torch.no_grad():
+            self.sampling_offsets.bias.copy_(grid.flatten())
+        nn.init.zeros_(self.attention_weights.weight)
+        nn.init.zeros_(self.attention_weights.bias)
+        nn.init.xavier_uniform_(self.value_proj.weight)
+        nn.init.zeros_(self.value_proj.bias)
+        nn.init.xavier_uniform_(self.output_proj.weight)
+        nn.init.zeros_(self.output_proj.bias)
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        reference_points: torch.Tensor,
+        value: torch.Tensor,
+        spatial_shapes: Sequence[tuple[int, int]],
+        level_start_index: Sequence[int],
+    ) -> torch.Tensor:
+        """query (B, Q, C) (position embedding already added), reference_points (B, Q, num_levels, 2) as (x, y)
+        in [0, 1], value (B, S, C) the flattened levels of `spatial_shapes` -> (B, Q, C)."""
+        batch, num_queries, _ = query.shape
+        heads, levels, points = self.num_heads, self.num_levels, self.num_points
+        if len(spatial_shapes) != levels or value.shape[1] != sum(h * w for h, w in spatial_shapes):
+            raise ValueError(
+                f"MSDeformAttn expects {levels} levels whose sizes add up to the value length {value.shape[1]}, "
+                f"got spatial_shapes={list(spatial_shapes)}"
+            )
+        value = self.value_proj(value).view(batch, -1, heads, self.embed_dim // heads)
+        offsets = self.sampling_offsets(query).view(batch, num_queries, heads, levels, points, 2)
+        weights = self.attention_weights(query).view(batch, num_queries, heads, levels * points)
+        weights = weights.softmax(-1).view(batch, num_queries, heads, levels, points)
+        # offsets are in pixels of each level: normalise by that level's (w, h)
+        normalizer = torch.tensor([(w, h) for h, w in spatial_shapes], dtype=query.dtype, device=query.device)
+        locations = reference_points[:, :, None, :, None, :] + offsets / normalizer[None, None, None, :, None, :]
+        output = self.sample(value, spatial_shapes, level_start_index, locations, weights)
+        return self.output_proj(output)

@@ -1,0 +1,232 @@
+"""Mask2Former's multi-scale deformable-attention pixel decoder (`MSDeformAttnPixelDecoder`).
+
+The three coarsest backbone maps (strides 8, 16, 32) are projected to `conv_dim` (1x1 conv + GroupNorm),
+given a sine position encoding plus a learned level embedding and refined jointly by a stack of
+deformable-attention encoder layers. Finer maps (stride 4) are added FPN-style (lateral 1x1 conv, bilinear
+upsampling of the level above, 3x3 output conv, GroupNorm), and a 1x1 conv turns the finest level into the
+mask features. Like the original, the whole decoder runs in float32, also under autocast.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from necks.base import NeckOutput
+from necks.ms_deform_attn import MSDeformAttn
+
+
+def sine_position_embedding(
+    shape: tuple[int, int, int, int],
+    num_pos_feats: int,
+    device: torch.device,
+    dtype: torch.dtype = torch.float32,
+    temperature: float = 10000.0,
+    scale: float = 2 * math.pi,
+) -> torch.Tensor:
+    """DETR's normalised sine position encoding of a map with no padding mask.
+
+    shape (B, C, H, W) -> (B, 2 * num_pos_feats, H, W): the y encoding, then the x encoding, each
+    interleaving sin and cos of the position (scaled to [0, scale]) over geometric frequencies.
+    """
+    batch, _, height, width = shape
+    eps = 1e-6
+    y = torch.arange(1, height + 1, dtype=dtype, device=device)
+    x = torch.arange(1, width + 1, dtype=dtype, device=device)
+    y = (y / (y[-1:] + eps) * scale)[:, None].expand(height, width)
+    x = (x / (x[-1:] + eps) * scale)[None, :].expand(height, width)
+    dim_t = torch.arange(num_pos_feats, dtype=dtype, device=device)
+    dim_t = temperature ** (2 * torch.div(dim_t, 2, rounding_mode="floor") / num_pos_feats)
+    pos_x = x[:, :, None] / dim_t
+    pos_y = y[:, :, None] / dim_t
+    pos_x = torch.stack((pos_x[:, :, 0::2].sin(), pos_x[:, :, 1::2].cos()), dim=3).flatten(2)
+    pos_y = torch.stack((pos_y[:, :, 0::2].sin(), pos_y[:, :, 1::2].cos()), dim=3).flatten(2)
+    pos = torch.cat((pos_y, pos_x), dim=2).permute(2, 0, 1)
+    return pos[None].expand(batch, -1, -1, -1)
+
+
+class MSDeformAttnEncoderLayer(nn.Module):
+    """Deformable self-attention over all levels, then an FFN; post-norm, ReLU."""
+
+    def __init__(
+        self,
+        embed_dim: int = 256,
+        dim_feedforward: int = 1024,
+        dropout: float = 0.0,
+        num_levels: int = 3,
+        num_heads: int = 8,
+        num_points: int = 4,
+        implementation: str = "pytorch",
+    ) -> None:
+        super().__init__()
+        self.self_attn = MSDeformAttn(embed_dim, num_levels, num_heads, num_points, implementation)
+        self.dropout1 = nn.Dropout(dropout)
+        self.norm1 = nn.LayerNorm(embed_dim)
+        self.linear1 = nn.Linear(embed_dim, dim_feedforward)
+        self.dropout2 = nn.Dropout(dropout)
+        self.linear2 = nn.Linear(dim_feedforward, embed_dim)
+        self.dropout3 = nn.Dropout(dropout)
+        self.norm2 = nn.LayerNorm(embed_dim)
+
+    def forward(
+        self,
+        src: torch.Tensor,
+        pos: torch.Tensor,
+        reference_points: torch.Tensor,
+        spatial_shapes: Sequence[tuple[int, int]],
+        level_start_index: Sequence[int],
+    ) -> torch.Tensor:
+        """src, pos (B, S, C); reference_points (B, S, num_levels, 2) -> (B, S, C)."""
+        attended = self.self_attn(src + pos, reference_points, src, spatial_shapes, level_start_index)
+        src = self.norm1(src + self.dropout1(attended))
+        ffn = self.linear2(self.dropout2(F.relu(self.linear1(src))))
+        return self.norm2(src + self.dropout3(ffn))
+
+
+def reference_points(spatial_shapes: Sequence[tuple[int, int]], batch: int, device: torch.device) -> torch.Tensor:
+    """Pixel centres of every level as (x, y) in [0, 1]: (B, S, num_levels, 2), the same point on every level
+    (no padding, so every valid ratio is 1)."""
+    points = []
+    for height, width in spatial_shapes:
+        ref_y, ref_x = torch.meshgrid(
+            torch.linspace(0.5, height - 0.5, height, dtype=torch.float32, device=device) / height,
+            torch.linspace(0.5, width - 0.5, width, dtype=torch.float32, device=device) / width,
+            indexing="ij",
+        )
+        points.append(torch.stack((ref_x.reshape(-1), ref_y.reshape(-1)), -1))
+    points = torch.cat(points, 0)  # (S, 2)
+    return points[None, :, None, :].expand(batch, -1, len(spatial_shapes), -1)
+
+
+class MSDeformAttnPixelDecoder(nn.Module):
+    """Pixel decoder of Mask2Former.
+
+    in_channels / in_strides: the selected backbone stages, fine to coarse, with strides doubling from
+    `common_stride` (e.g. 4, 8, 16, 32). The last `num_transformer_levels` go through the deformable encoder;
+    the finer ones become FPN levels. forward: list of (B, C_i, H/s_i, W/s_i) maps -> NeckOutput with
+    mask_features (B, mask_dim, H/common_stride, W/common_stride) and multi_scale_features = the encoder
+    outputs (B, conv_dim, H/s, W/s) coarse to fine (strides 32, 16, 8).
+    """
+
+    def __init__(
+        self,
+        in_channels: Sequence[int],
+        in_strides: Sequence[int],
+        conv_dim: int = 256,
+        mask_dim: int = 256,
+        num_transformer_levels: int = 3,
+        encoder_layers: int = 6,
+        num_heads: int = 8,
+        num_points: int = 4,
+        dim_feedforward: int = 1024,
+        dropout: float = 0.0,
+        num_groups: int = 32,
+        common_stride: int = 4,
+        implementation: str = "pytorch",
+    ) -> None:
+        super().__init__()
+        in_channels, in_strides = list(in_channels), list(in_strides)
+        num_fpn_levels = len(in_channels) - num_transformer_levels
+        expected = [common_stride * 2**i for i in range(len(in_strides))]
+        if len(in_channels) != len(in_strides) or num_fpn_levels < 1 or in_strides != expected:
+            raise ValueError(
+                f"MSDeformAttnPixelDecoder needs backbone stages with strides {expected[: num_transformer_levels + 1]} "
+                f"or more levels doubling from common_stride={common_stride} ({num_transformer_levels} for the "
+                f"deformable encoder and at least one finer FPN level); got in_strides={in_strides}, "
+                f"in_channels={in_channels}. Select them with backbone.out_features, e.g. "
+                "['stage1', 'stage2', 'stage3', 'stage4']."
+            )
+        if conv_dim % num_groups:
+            raise ValueError(f"conv_dim={conv_dim} must be divisible by num_groups={num_groups} (GroupNorm)")
+        self.mask_dim = mask_dim
+        self.out_channels = conv_dim
+        self.num_transformer_levels = num_transformer_levels
+        self.conv_dim = conv_dim
+
+        # coarse to fine, as the encoder sees them
+        self.input_proj = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(channels, conv_dim, kernel_size=1), nn.GroupNorm(num_groups, conv_dim))
+            for channels in in_channels[num_fpn_levels:][::-1]
+        )
+        self.level_embed = nn.Parameter(torch.empty(num_transformer_levels, conv_dim))
+        self.encoder_layers = nn.ModuleList(
+            MSDeformAttnEncoderLayer(
+                conv_dim, dim_feedforward, dropout, num_transformer_levels, num_heads, num_points, implementation
+            )
+            for _ in range(encoder_layers)
+        )
+        # extra FPN levels, coarse to fine
+        self.lateral_convs = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(channels, conv_dim, kernel_size=1, bias=False), nn.GroupNorm(num_groups, conv_dim))
+            for channels in in_channels[:num_fpn_levels][::-1]
+        )
+        self.output_convs = nn.ModuleList(
+            nn.Sequential(
+                nn.Conv2d(conv_dim, conv_dim, kernel_size=3, padding=1, bias=False),
+                nn.GroupNorm(num_groups, conv_dim),
+                nn.ReLU(),
+            )
+            for _ in range(num_fpn_levels)
+        )
+        self.mask_features = nn.Conv2d(conv_dim, mask_dim, kernel_size=1)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """The original initialisation: Xavier for the encoder, Caffe2 Xavier for the convs, N(0, 1) level embedding."""
+        for proj in self.input_proj:
+            nn.init.xavier_uniform_(proj[0].weight)
+            nn.init.zeros_(proj[0].bias)
+        for layer in self.encoder_layers:
+            for p in layer.parameters():
+                if p.dim() > 1:
+                    nn.init.xavier_uniform_(p)
+            layer.self_attn.reset_parameters()
+        nn.init.normal_(self.level_embed)
+        for conv in [*(m[0] for m in self.lateral_convs), *(m[0] for m in self.output_convs), self.mask_features]:
+            nn.init.kaiming_uniform_(conv.weight, a=1)
+            if conv.bias is not None:
+                nn.init.zeros_(conv.bias)
+
+    def forward(self, features: list[torch.Tensor]) -> NeckOutput:
+        """features: one map per backbone stage, fine to coarse -> NeckOutput (float32)."""
+        with torch.autocast(device_type=features[0].device.type, enabled=False):
+            return self._forward(features)
+
+    def _forward(self, features: list[torch.Tensor]) -> NeckOutput:
+        features = [f.float() for f in features]
+        levels = self.num_transformer_levels
+        coarse = features[-levels:][::-1]  # strides 32, 16, 8
+        srcs = [proj(x) for proj, x in zip(self.input_proj, coarse)]
+        batch = srcs[0].shape[0]
+        spatial_shapes = [(x.shape[2], x.shape[3]) for x in srcs]
+        level_start_index = [0]
+        for h, w in spatial_shapes[:-1]:
+            level_start_index.append(level_start_index[-1] + h * w)
+
+        src = torch.cat([x.flatten(2).transpose(1, 2) for x in srcs], 1)  # (B, S, C)
+        pos = torch.cat(
+            [
+                sine_position_embedding(x.shape, self.conv_dim // 2, x.device).flatten(2).transpose(1, 2)
+                + self.level_embed[i].view(1, 1, -1)
+                for i, x in enumerate(srcs)
+            ],
+            1,
+        )
+        points = reference_points(spatial_shapes, batch, src.device)
+        for layer in self.encoder_layers:
+            src = layer(src, pos, points, spatial_shapes, level_start_index)
+
+        outputs = [
+            x.transpose(1, 2).reshape(batch, self.conv_dim, h, w)
+            for x, (h, w) in zip(src.split([h * w for h, w in spatial_shapes], dim=1), spatial_shapes)
+        ]
+        multi_scale_features = list(outputs)
+        for lateral, output_conv, x in zip(self.lateral_convs, self.output_convs, features[: len(self.lateral_convs)][::-1]):
+            y = lateral(x)
+            y = y + F.interpolate(outputs[-1], size=y.shape[-2:], mode="bilinear", align_corners=False)
+            outputs.append(output_conv(y))
+        return NeckOutput(mask_features=self.mask_features(outputs[-1]), multi_scale_features=multi_scale_features)
