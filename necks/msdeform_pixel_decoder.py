@@ -9,7 +9,6 @@ mask features. Like the original, the whole decoder runs in float32, also under 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
@@ -18,35 +17,7 @@ from torch import nn
 
 from necks.base import NeckOutput
 from necks.ms_deform_attn import MSDeformAttn
-
-
-def sine_position_embedding(
-    shape: tuple[int, int, int, int],
-    num_pos_feats: int,
-    device: torch.device,
-    dtype: torch.dtype = torch.float32,
-    temperature: float = 10000.0,
-    scale: float = 2 * math.pi,
-) -> torch.Tensor:
-    """DETR's normalised sine position encoding of a map with no padding mask.
-
-    shape (B, C, H, W) -> (B, 2 * num_pos_feats, H, W): the y encoding, then the x encoding, each
-    interleaving sin and cos of the position (scaled to [0, scale]) over geometric frequencies.
-    """
-    batch, _, height, width = shape
-    eps = 1e-6
-    y = torch.arange(1, height + 1, dtype=dtype, device=device)
-    x = torch.arange(1, width + 1, dtype=dtype, device=device)
-    y = (y / (y[-1:] + eps) * scale)[:, None].expand(height, width)
-    x = (x / (x[-1:] + eps) * scale)[None, :].expand(height, width)
-    dim_t = torch.arange(num_pos_feats, dtype=dtype, device=device)
-    dim_t = temperature ** (2 * torch.div(dim_t, 2, rounding_mode="floor") / num_pos_feats)
-    pos_x = x[:, :, None] / dim_t
-    pos_y = y[:, :, None] / dim_t
-    pos_x = torch.stack((pos_x[:, :, 0::2].sin(), pos_x[:, :, 1::2].cos()), dim=3).flatten(2)
-    pos_y = torch.stack((pos_y[:, :, 0::2].sin(), pos_y[:, :, 1::2].cos()), dim=3).flatten(2)
-    pos = torch.cat((pos_y, pos_x), dim=2).permute(2, 0, 1)
-    return pos[None].expand(batch, -1, -1, -1)
+from necks.pixel_decoder import PositionEmbeddingSine
 
 
 class MSDeformAttnEncoderLayer(nn.Module):
@@ -152,6 +123,7 @@ class MSDeformAttnPixelDecoder(nn.Module):
             nn.Sequential(nn.Conv2d(channels, conv_dim, kernel_size=1), nn.GroupNorm(num_groups, conv_dim))
             for channels in in_channels[num_fpn_levels:][::-1]
         )
+        self.position_embedding = PositionEmbeddingSine(conv_dim // 2, normalize=True)
         self.level_embed = nn.Parameter(torch.empty(num_transformer_levels, conv_dim))
         self.encoder_layers = nn.ModuleList(
             MSDeformAttnEncoderLayer(
@@ -210,8 +182,7 @@ class MSDeformAttnPixelDecoder(nn.Module):
         src = torch.cat([x.flatten(2).transpose(1, 2) for x in srcs], 1)  # (B, S, C)
         pos = torch.cat(
             [
-                sine_position_embedding(x.shape, self.conv_dim // 2, x.device).flatten(2).transpose(1, 2)
-                + self.level_embed[i].view(1, 1, -1)
+                self.position_embedding(x).flatten(2).transpose(1, 2) + self.level_embed[i].view(1, 1, -1)
                 for i, x in enumerate(srcs)
             ],
             1,

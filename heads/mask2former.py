@@ -1,0 +1,175 @@
+"""Mask2Former head: the masked-attention transformer decoder (`MultiScaleMaskedTransformerDecoder`).
+
+Learned query features (with learned query position embeddings) are refined by `num_layers` layers, each
+masked cross-attention -> self-attention -> FFN (post-norm). Layer i attends the pixel decoder's level
+i mod 3 (coarse to fine) and only where the previous prediction's mask is on (sigmoid >= 0.5); a query whose
+mask is empty at that level attends everywhere. Each of the num_layers + 1 predictions (the first from the
+learned queries themselves) gives class logits (K + 1, the last being "no object") and mask logits
+against the mask features.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from necks.base import NeckOutput
+from necks.pixel_decoder import PositionEmbeddingSine
+
+
+def masked_attention_mask(mask_logits: torch.Tensor, size: tuple[int, int], num_heads: int) -> torch.Tensor:
+    """Mask logits (B, Q, H, W) -> bool attention mask (B * num_heads, Q, h * w) for `nn.MultiheadAttention`.
+
+    The masks are resized (bilinear) to the attended level's `size`; True (blocked) where sigmoid < 0.5,
+    except that a query whose mask is empty at that level is blocked nowhere. Detached: no gradient
+    flows through the mask.
+    """
+    mask = F.interpolate(mask_logits.detach(), size=size, mode="bilinear", align_corners=False)
+    blocked = mask.sigmoid().flatten(2) < 0.5
+    blocked = blocked & ~blocked.all(-1, keepdim=True)
+    return blocked.repeat_interleave(num_heads, dim=0)
+
+
+class MLP(nn.Module):
+    """`num_layers` linear layers with ReLU between them (`layers.0`, `layers.1`, ...)."""
+
+    def __init__(self, input_dim: int, hidden_dim: int, output_dim: int, num_layers: int) -> None:
+        super().__init__()
+        dims = [input_dim] + [hidden_dim] * (num_layers - 1) + [output_dim]
+        self.layers = nn.ModuleList(nn.Linear(i, o) for i, o in zip(dims[:-1], dims[1:]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if i < len(self.layers) - 1:
+                x = F.relu(x)
+        return x
+
+
+class MaskedAttentionDecoderLayer(nn.Module):
+    """Masked cross-attention to one feature level, self-attention among queries, FFN; each post-norm."""
+
+    def __init__(self, hidden_dim: int, num_heads: int, dim_feedforward: int, dropout: float) -> None:
+        super().__init__()
+        self.cross_attn = nn.MultiheadAttention(hidden_dim, num_heads, dropout=dropout, batch_first=True)
+        self.cross_attn_norm = nn.LayerNorm(hidden_dim)
+        self.self_attn = nn.MultiheadAttention(hidden_dim, num_heads, dropout=dropout, batch_first=True)
+        self.self_attn_norm = nn.LayerNorm(hidden_dim)
+        self.linear1 = nn.Linear(hidden_dim, dim_feedforward)
+        self.linear2 = nn.Linear(dim_feedforward, hidden_dim)
+        self.ffn_norm = nn.LayerNorm(hidden_dim)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(
+        self,
+        queries: torch.Tensor,
+        query_pos: torch.Tensor,
+        memory: torch.Tensor,
+        memory_pos: torch.Tensor,
+        attn_mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """queries, query_pos (B, Q, C); memory, memory_pos (B, HW, C); attn_mask bool (B*heads, Q, HW),
+        True where blocked -> (B, Q, C)."""
+        attended = self.cross_attn(
+            queries + query_pos, memory + memory_pos, memory, attn_mask=attn_mask, need_weights=False
+        )[0]
+        queries = self.cross_attn_norm(queries + self.dropout(attended))
+        q = k = queries + query_pos
+        attended = self.self_attn(q, k, queries, need_weights=False)[0]
+        queries = self.self_attn_norm(queries + self.dropout(attended))
+        ffn = self.linear2(self.dropout(F.relu(self.linear1(queries))))
+        return self.ffn_norm(queries + self.dropout(ffn))
+
+
+class Mask2FormerHead(nn.Module):
+    """Masked-attention decoder head.
+
+    in_channels: channels of the neck's `multi_scale_features` (three maps, coarse to fine); mask_dim:
+    channels of its `mask_features`. forward(NeckOutput) -> {"pred_logits" (B, Q, K+1), "pred_masks"
+    (B, Q, H/4, W/4), "aux_outputs": the num_layers earlier predictions, first to last}.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        mask_dim: int,
+        num_classes: int,
+        hidden_dim: int = 256,
+        num_queries: int = 100,
+        num_heads: int = 8,
+        dim_feedforward: int = 2048,
+        num_layers: int = 9,
+        dropout: float = 0.0,
+        num_feature_levels: int = 3,
+        enforce_input_project: bool = False,
+    ) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.num_heads = num_heads
+        self.num_feature_levels = num_feature_levels
+        self.layers = nn.ModuleList(
+            MaskedAttentionDecoderLayer(hidden_dim, num_heads, dim_feedforward, dropout) for _ in range(num_layers)
+        )
+        self.decoder_norm = nn.LayerNorm(hidden_dim)
+        self.position_embedding = PositionEmbeddingSine(hidden_dim // 2, normalize=True)
+        self.query_feat = nn.Embedding(num_queries, hidden_dim)
+        self.query_embed = nn.Embedding(num_queries, hidden_dim)
+        self.level_embed = nn.Embedding(num_feature_levels, hidden_dim)
+        self.input_proj = nn.ModuleList(
+            nn.Conv2d(in_channels, hidden_dim, kernel_size=1)
+            if in_channels != hidden_dim or enforce_input_project
+            else nn.Identity()
+            for _ in range(num_feature_levels)
+        )
+        self.class_embed = nn.Linear(hidden_dim, num_classes + 1)
+        self.mask_embed = MLP(hidden_dim, hidden_dim, mask_dim, 3)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """The original initialisation: Xavier for the decoder layers' matrices, Caffe2 Xavier for input convs."""
+        for layer in self.layers:
+            for p in layer.parameters():
+                if p.dim() > 1:
+                    nn.init.xavier_uniform_(p)
+        for proj in self.input_proj:
+            if isinstance(proj, nn.Conv2d):
+                nn.init.kaiming_uniform_(proj.weight, a=1)
+                nn.init.zeros_(proj.bias)
+
+    def predict(
+        self, queries: torch.Tensor, mask_features: torch.Tensor, mask_size: tuple[int, int]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """queries (B, Q, C) -> class logits (B, Q, K+1), mask logits (B, Q, H/4, W/4) and the next layer's
+        attention mask at `mask_size` (see `masked_attention_mask`)."""
+        queries = self.decoder_norm(queries)
+        class_logits = self.class_embed(queries)
+        mask_logits = torch.einsum("bqc,bchw->bqhw", self.mask_embed(queries), mask_features)
+        return class_logits, mask_logits, masked_attention_mask(mask_logits, mask_size, self.num_heads)
+
+    def forward(self, neck_output: NeckOutput) -> dict:
+        features = neck_output.multi_scale_features
+        mask_features = neck_output.mask_features
+        if len(features) != self.num_feature_levels:
+            raise ValueError(
+                f"Mask2FormerHead expects {self.num_feature_levels} multi_scale_features (strides 32, 16, 8) from "
+                f"the neck, got {len(features)}; use a Mask2Former-style neck such as MSDeformAttnPixelDecoder"
+            )
+        memories, memory_pos, sizes = [], [], []
+        for i, x in enumerate(features):
+            sizes.append((x.shape[2], x.shape[3]))
+            memory_pos.append(self.position_embedding(x).flatten(2).transpose(1, 2))
+            memories.append((self.input_proj[i](x).flatten(2) + self.level_embed.weight[i][None, :, None]).transpose(1, 2))
+
+        batch = mask_features.shape[0]
+        queries = self.query_feat.weight[None].expand(batch, -1, -1)
+        query_pos = self.query_embed.weight[None].expand(batch, -1, -1)
+
+        predictions = [self.predict(queries, mask_features, sizes[0])]
+        for i, layer in enumerate(self.layers):
+            level = i % self.num_feature_levels
+            queries = layer(queries, query_pos, memories[level], memory_pos[level], predictions[-1][2])
+            predictions.append(self.predict(queries, mask_features, sizes[(i + 1) % self.num_feature_levels]))
+
+        outputs = [{"pred_logits": c, "pred_masks": m} for c, m, _ in predictions]
+        return {**outputs[-1], "aux_outputs": outputs[:-1]}
