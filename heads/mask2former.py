@@ -10,6 +10,8 @@ against the mask features.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -147,7 +149,8 @@ class Mask2FormerHead(nn.Module):
         mask_logits = torch.einsum("bqc,bchw->bqhw", self.mask_embed(queries), mask_features)
         return class_logits, mask_logits, masked_attention_mask(mask_logits, mask_size, self.num_heads)
 
-    def forward(self, neck_output: NeckOutput) -> dict:
+    def forward(self, neck_output: NeckOutput) -> dict[str, Any]:
+        """NeckOutput (multi_scale_features coarse to fine, mask_features) -> raw predictions (see class doc)."""
         features = neck_output.multi_scale_features
         mask_features = neck_output.mask_features
         if len(features) != self.num_feature_levels:
@@ -165,11 +168,12 @@ class Mask2FormerHead(nn.Module):
         queries = self.query_feat.weight[None].expand(batch, -1, -1)
         query_pos = self.query_embed.weight[None].expand(batch, -1, -1)
 
-        predictions = [self.predict(queries, mask_features, sizes[0])]
+        class_logits, mask_logits, attn_mask = self.predict(queries, mask_features, sizes[0])
+        outputs = [{"pred_logits": class_logits, "pred_masks": mask_logits}]
         for i, layer in enumerate(self.layers):
             level = i % self.num_feature_levels
-            queries = layer(queries, query_pos, memories[level], memory_pos[level], predictions[-1][2])
-            predictions.append(self.predict(queries, mask_features, sizes[(i + 1) % self.num_feature_levels]))
-
-        outputs = [{"pred_logits": c, "pred_masks": m} for c, m, _ in predictions]
+            queries = layer(queries, query_pos, memories[level], memory_pos[level], attn_mask)
+            next_size = sizes[(i + 1) % self.num_feature_levels]
+            class_logits, mask_logits, attn_mask = self.predict(queries, mask_features, next_size)
+            outputs.append({"pred_logits": class_logits, "pred_masks": mask_logits})
         return {**outputs[-1], "aux_outputs": outputs[:-1]}
