@@ -1,0 +1,194 @@
+"""Hungarian matching of predicted (class, mask) pairs to ground-truth segments (MaskFormer / Mask2Former).
+
+The cost of assigning query q to target t is
+
+    cost_class * (-p_q[label_t]) + cost_mask * mask_cost(q, t) + cost_dice * dice_cost(q, t)
+
+with p the softmax over K + 1 classes. Mask costs are
+- "point" (Mask2Former): mean binary cross-entropy and dice on `num_points` points drawn uniformly once per
+  image and shared by all of its masks;
+- "full" (MaskFormer): mean sigmoid focal loss and dice over all pixels of the prediction grid, targets
+  resized to it with nearest interpolation (as the original, to save memory).
+
+Costs for the whole batch are computed on the device in one go (targets padded per image); the cost tensor
+then makes the one trip to the host that scipy's `linear_sum_assignment` needs, one solve per image.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from scipy.optimize import linear_sum_assignment
+from torch import nn
+
+from heads.point_sampling import point_sample
+
+COST_TYPES = ("point", "full")
+# Mask and class logits are clamped to this range before costing: +-inf would give inf * 0 = NaN in the
+# pair-wise sums, while sigmoid / softmax are already saturated far below it.
+LOGIT_LIMIT = 1e4
+
+
+def batch_sigmoid_ce_cost(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean binary cross-entropy of every (prediction, target) pair.
+
+    logits: (B, Q, P) mask logits, targets: (B, N, P) in [0, 1]. Returns (B, Q, N).
+    """
+    num_points = logits.shape[-1]
+    pos = F.softplus(-logits)  # -log(sigmoid(x)): cost of a point whose target is 1
+    neg = F.softplus(logits)  # -log(1 - sigmoid(x)): cost of a point whose target is 0
+    cost = pos @ targets.transpose(1, 2) + neg @ (1 - targets).transpose(1, 2)
+    return cost / num_points
+
+
+def batch_sigmoid_focal_cost(
+    logits: torch.Tensor, targets: torch.Tensor, alpha: float = 0.25, gamma: float = 2.0
+) -> torch.Tensor:
+    """Mean sigmoid focal loss of every (prediction, target) pair.
+
+    logits: (B, Q, P), targets: (B, N, P) in [0, 1]. Returns (B, Q, N).
+    """
+    num_points = logits.shape[-1]
+    prob = logits.sigmoid()
+    focal_pos = alpha * (1 - prob) ** gamma * F.softplus(-logits)
+    focal_neg = (1 - alpha) * prob**gamma * F.softplus(logits)
+    cost = focal_pos @ targets.transpose(1, 2) + focal_neg @ (1 - targets).transpose(1, 2)
+    return cost / num_points
+
+
+def batch_dice_cost(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Dice loss 1 - (2 |p t| + 1) / (|p| + |t| + 1) of every (prediction, target) pair.
+
+    logits: (B, Q, P), targets: (B, N, P) in [0, 1]. Returns (B, Q, N).
+    """
+    prob = logits.sigmoid()
+    numerator = 2 * prob @ targets.transpose(1, 2)
+    denominator = prob.sum(-1)[:, :, None] + targets.sum(-1)[:, None, :]
+    return 1 - (numerator + 1) / (denominator + 1)
+
+
+class HungarianMatcher(nn.Module):
+    """One-to-one assignment of queries to targets minimising the matching cost (defaults: Mask2Former).
+
+    MaskFormer's official setting is `cost_class=1.0, cost_mask=20.0, cost_dice=1.0, cost_type="full"`.
+    """
+
+    def __init__(
+        self,
+        cost_class: float = 2.0,
+        cost_mask: float = 5.0,
+        cost_dice: float = 5.0,
+        cost_type: str = "point",
+        num_points: int = 12544,
+        focal_alpha: float = 0.25,
+        focal_gamma: float = 2.0,
+    ) -> None:
+        super().__init__()
+        if cost_type not in COST_TYPES:
+            raise ValueError(f"matcher cost_type must be one of {COST_TYPES}, got {cost_type!r}.")
+        if cost_class == 0 and cost_mask == 0 and cost_dice == 0:
+            raise ValueError("matcher costs cost_class, cost_mask and cost_dice are all 0; set at least one.")
+        if num_points < 1:
+            raise ValueError(f"matcher num_points must be >= 1, got {num_points}.")
+        self.cost_class = cost_class
+        self.cost_mask = cost_mask
+        self.cost_dice = cost_dice
+        self.cost_type = cost_type
+        self.num_points = num_points
+        self.focal_alpha = focal_alpha
+        self.focal_gamma = focal_gamma
+
+    @torch.no_grad()
+    def cost_matrix(self, outputs: Mapping[str, torch.Tensor], targets: Sequence[Mapping[str, torch.Tensor]]) -> torch.Tensor:
+        """Matching cost of every query against every target of its image.
+
+        outputs: `pred_logits` (B, Q, K+1), `pred_masks` (B, Q, h, w). targets: one dict per image with
+        `labels` (N_b,) and `masks` (N_b, H, W), the same H, W for all images. Returns (B, Q, max N_b) on
+        the predictions' device, float32; columns past N_b of an image are padding.
+        """
+        pred_logits = outputs["pred_logits"].float().clamp(-LOGIT_LIMIT, LOGIT_LIMIT)
+        pred_masks = outputs["pred_masks"].float().clamp(-LOGIT_LIMIT, LOGIT_LIMIT)
+        batch_size, num_queries = pred_logits.shape[:2]
+        sizes = _check_targets(targets, batch_size)
+        max_targets = max(sizes, default=0)
+        device = pred_logits.device
+        if max_targets == 0:
+            return pred_logits.new_zeros(batch_size, num_queries, 0)
+
+        # Every target of the batch in one tensor; (image, slot) places it in the padded (B, max N) layout.
+        image = torch.repeat_interleave(torch.arange(batch_size), torch.tensor(sizes)).to(device)
+        slot = torch.cat([torch.arange(n) for n in sizes]).to(device)
+        labels = torch.cat([t["labels"] for t in targets]).to(device)
+        masks = torch.cat([t["masks"] for t in targets]).to(device)  # (T, H, W)
+
+        padded_labels = torch.zeros(batch_size, max_targets, dtype=torch.long, device=device)
+        padded_labels[image, slot] = labels
+        probs = pred_logits.softmax(-1)
+        cost_class = -probs.gather(2, padded_labels[:, None, :].expand(-1, num_queries, -1))
+
+        if self.cost_type == "point":
+            points = torch.rand(batch_size, self.num_points, 2, device=device)  # shared by all masks of an image
+            pred_values = point_sample(pred_masks, points)  # (B, Q, P)
+            target_values = point_sample(masks[:, None].float(), points[image])[:, 0]  # (T, P)
+        else:
+            pred_values = pred_masks.flatten(2)  # (B, Q, h*w)
+            small = F.interpolate(masks[:, None].to(torch.uint8), size=pred_masks.shape[-2:], mode="nearest")
+            target_values = small.flatten(1).float()  # (T, h*w)
+        padded_targets = pred_values.new_zeros(batch_size, max_targets, pred_values.shape[-1])
+        padded_targets[image, slot] = target_values
+
+        if self.cost_type == "point":
+            cost_mask = batch_sigmoid_ce_cost(pred_values, padded_targets)
+        else:
+            cost_mask = batch_sigmoid_focal_cost(pred_values, padded_targets, self.focal_alpha, self.focal_gamma)
+        cost_dice = batch_dice_cost(pred_values, padded_targets)
+        return self.cost_class * cost_class + self.cost_mask * cost_mask + self.cost_dice * cost_dice
+
+    @torch.no_grad()
+    def forward(
+        self, outputs: Mapping[str, torch.Tensor], targets: Sequence[Mapping[str, torch.Tensor]]
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Match each image's queries to its targets.
+
+        Returns one `(query_indices, target_indices)` pair of int64 CPU tensors per image, each of length
+        min(Q, N_b): query `query_indices[i]` is assigned target `target_indices[i]`, in increasing query order.
+        Infinite logits are clamped to +-1e4 before costing; NaN predictions raise a ValueError.
+        """
+        costs = self.cost_matrix(outputs, targets).cpu()  # the one device -> host copy
+        matches = []
+        for image, target in enumerate(targets):
+            cost = costs[image, :, : len(target["labels"])]
+            if not torch.isfinite(cost).all():
+                raise ValueError(
+                    f"HungarianMatcher: the matching cost of image {image} in the batch is NaN, so the model's "
+                    "predictions (pred_logits / pred_masks) contain NaN: training has diverged. Lower the "
+                    "learning rate, enable gradient clipping (trainer.gradient_clip_val) or check the inputs."
+                )
+            query_indices, target_indices = linear_sum_assignment(cost.numpy())
+            matches.append(
+                (torch.as_tensor(query_indices, dtype=torch.int64), torch.as_tensor(target_indices, dtype=torch.int64))
+            )
+        return matches
+
+
+def _check_targets(targets: Sequence[Mapping[str, torch.Tensor]], batch_size: int) -> list[int]:
+    """Number of targets per image; raises ValueError for a wrong count of images or mismatched mask sizes."""
+    if len(targets) != batch_size:
+        raise ValueError(f"got targets for {len(targets)} images but predictions for {batch_size}.")
+    sizes = []
+    for i, target in enumerate(targets):
+        labels, masks = target["labels"], target["masks"]
+        if masks.dim() != 3 or masks.shape[0] != labels.shape[0]:
+            raise ValueError(
+                f"target {i}: `masks` must be (N, H, W) with N = len(labels) = {labels.shape[0]}, "
+                f"got {tuple(masks.shape)}."
+            )
+        if masks.shape[-2:] != targets[0]["masks"].shape[-2:]:
+            raise ValueError(
+                f"target {i}: masks are {tuple(masks.shape[-2:])} but target 0's are "
+                f"{tuple(targets[0]['masks'].shape[-2:])}; pad every image's masks to the batch's padded size."
+            )
+        sizes.append(labels.shape[0])
+    return sizes

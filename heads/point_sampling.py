@@ -1,0 +1,59 @@
+"""Point sampling (PointRend): values of maps at normalised points, and uncertainty-driven choice of points.
+
+Mask2Former computes its mask losses and matching costs on a set of sampled points instead of on full
+masks. Points are (x, y) in [0, 1] x [0, 1] over the whole map, read with bilinear interpolation
+(`grid_sample`, align_corners=False, zero padding), as Detectron2's `point_sample`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def point_sample(maps: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+    """Bilinear values of `maps` at `points`.
+
+    maps: (N, C, H, W). points: (N, P, 2) as (x, y) in [0, 1]. Returns (N, C, P).
+    A point at normalised x reads pixel column x * W - 0.5 (pixel centres at half-integers), so points
+    within half a pixel of the border blend with zeros, as in the original implementation.
+    """
+    grid = 2.0 * points.unsqueeze(2) - 1.0  # (N, P, 1, 2) in [-1, 1]
+    return F.grid_sample(maps, grid.to(maps.dtype), mode="bilinear", align_corners=False).squeeze(3)
+
+
+def uncertainty(logits: torch.Tensor) -> torch.Tensor:
+    """Mask2Former's uncertainty of a mask logit: -|logit| (highest where the prediction is closest to 0.5)."""
+    return -logits.abs()
+
+
+def sample_uncertain_points(
+    logits: torch.Tensor,
+    num_points: int,
+    oversample_ratio: float = 3.0,
+    importance_sample_ratio: float = 0.75,
+) -> torch.Tensor:
+    """Choose `num_points` points per mask, biased towards uncertain regions (PointRend's training sampler).
+
+    logits: (N, 1, H, W) mask logits. Returns (N, num_points, 2) points (x, y) in [0, 1].
+    `int(num_points * oversample_ratio)` uniform candidates are drawn; the `int(importance_sample_ratio *
+    num_points)` most uncertain of them (uncertainty read at the sampled point, not at the pixels) are kept,
+    and the rest of the points are drawn uniformly. Random draws happen in this order: candidates, then
+    the uniform remainder, as Detectron2's `get_uncertain_point_coords_with_randomness`.
+    """
+    if oversample_ratio < 1:
+        raise ValueError(f"oversample_ratio must be >= 1, got {oversample_ratio}.")
+    if not 0 <= importance_sample_ratio <= 1:
+        raise ValueError(f"importance_sample_ratio must be in [0, 1], got {importance_sample_ratio}.")
+    num_masks = logits.shape[0]
+    num_candidates = int(num_points * oversample_ratio)
+    num_uncertain = int(importance_sample_ratio * num_points)
+    num_random = num_points - num_uncertain
+
+    candidates = torch.rand(num_masks, num_candidates, 2, device=logits.device)
+    candidate_uncertainty = uncertainty(point_sample(logits, candidates))[:, 0]  # (N, num_candidates)
+    top = candidate_uncertainty.topk(num_uncertain, dim=1).indices  # (N, num_uncertain)
+    points = candidates.gather(1, top.unsqueeze(-1).expand(-1, -1, 2))
+    if num_random > 0:
+        points = torch.cat([points, torch.rand(num_masks, num_random, 2, device=logits.device)], dim=1)
+    return points
