@@ -126,15 +126,11 @@ class BasePixelDecoder(nn.Module):
         self.lateral_convs = nn.ModuleList(_conv_gn(c, conv_dim, 1, relu=False) for c in in_channels[:-1])
         self.output_convs = nn.ModuleList(
             [_conv_gn(conv_dim, conv_dim, 3, relu=True) for _ in in_channels[:-1]]
-            + [_conv_gn(self._coarsest_channels(in_channels), conv_dim, 3, relu=True)]
+            + [_conv_gn(in_channels[-1], conv_dim, 3, relu=True)]
         )
         self.mask_features = nn.Conv2d(conv_dim, mask_dim, kernel_size=3, padding=1)
         nn.init.kaiming_uniform_(self.mask_features.weight, a=1)
         nn.init.zeros_(self.mask_features.bias)
-
-    def _coarsest_channels(self, in_channels: Sequence[int]) -> int:
-        """Channels entering the coarsest output conv."""
-        return in_channels[-1]
 
     def encode_coarsest(self, x: torch.Tensor) -> torch.Tensor:
         """The coarsest backbone map -> the transformer decoder's input (here: unchanged)."""
@@ -175,6 +171,7 @@ class TransformerEncoderPixelDecoder(BasePixelDecoder):
     ) -> None:
         super().__init__(in_channels, in_strides, conv_dim=conv_dim, mask_dim=mask_dim)
         self.out_channels = conv_dim
+        self.output_convs[-1] = _conv_gn(conv_dim, conv_dim, 3, relu=True)  # now on the encoder output
         self.input_proj = nn.Conv2d(in_channels[-1], conv_dim, kernel_size=1)
         nn.init.kaiming_uniform_(self.input_proj.weight, a=1)
         nn.init.zeros_(self.input_proj.bias)
@@ -186,9 +183,6 @@ class TransformerEncoderPixelDecoder(BasePixelDecoder):
             for p in layer.parameters():
                 if p.dim() > 1:
                     nn.init.xavier_uniform_(p)
-
-    def _coarsest_channels(self, in_channels: Sequence[int]) -> int:
-        return self.conv_dim
 
     def encode_coarsest(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C_in, h, w) -> encoder output (B, conv_dim, h, w)."""
