@@ -84,6 +84,7 @@ def make_coco_instances(folder: Path, seed: int = 0) -> dict[str, Any]:
             "masks": m, "scores": torch.tensor(scores, dtype=torch.float32), "labels": torch.tensor(labels),
             "boxes": masks_to_boxes(m) if len(m) else torch.zeros(0, 4),
         }}
+    folder.mkdir(parents=True, exist_ok=True)
     ann_file = folder / "instances.json"
     ann_file.write_text(json.dumps({"images": images, "annotations": annotations, "categories": INSTANCE_CATEGORIES}))
     return {"ann_file": ann_file, "contiguous_to_dataset_id": [c["id"] for c in INSTANCE_CATEGORIES],
