@@ -132,3 +132,21 @@ def test_bad_input_names_the_image_and_the_fix(data):
         COCOInstanceEvaluator(Path(data["ann_file"]).parent / "missing.json", [1, 3, 7])
     with pytest.raises(RuntimeError, match="evaluate"):
         evaluator.write(Path(data["ann_file"]).parent)
+
+
+def test_subset_of_images_is_evaluated_on_those_images_only(data, tmp_path):
+    evaluator = COCOInstanceEvaluator(data["ann_file"], data["contiguous_to_dataset_id"], iou_types=["segm"])
+    subset = [10, 12, 13]
+    evaluator.process(subset, [data["predictions"][i] for i in subset])
+    metrics = evaluator.evaluate()
+    results_file = tmp_path / "results.json"
+    chosen = {i: data["predictions"][i] for i in subset}
+    results_file.write_text(json.dumps(standard_results(chosen, data["contiguous_to_dataset_id"], "segm")))
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_gt = COCO(str(data["ann_file"]))
+        coco_eval = COCOeval(coco_gt, coco_gt.loadRes(str(results_file)), iouType="segm")
+        coco_eval.params.imgIds = subset
+        coco_eval.evaluate()
+        coco_eval.accumulate()
+        coco_eval.summarize()
+    assert metrics["segm/AP"] == 100 * coco_eval.stats[0] and set(metrics) == {f"segm/{n}" for n in NAMES}
