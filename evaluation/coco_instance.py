@@ -121,7 +121,7 @@ class COCOInstanceEvaluator:
         self.metrics, self.per_class = {}, {}
         for iou_type in self.iou_types:
             coco_eval = self._run_cocoeval(iou_type, image_ids)
-            for name, value in zip(SUMMARY_NAMES, coco_eval.stats[:6]):
+            for name, value in zip(SUMMARY_NAMES, coco_eval.stats[:6], strict=True):
                 self.metrics[f"{iou_type}/{name}"] = percent(value)
             for name, ap in self._per_category_ap(coco_eval).items():
                 self.per_class.setdefault(name, {})[f"{iou_type}/AP"] = ap
@@ -171,13 +171,13 @@ class COCOInstanceEvaluator:
             return []
         folder = Path(folder)
         written = [atomic_write_json(folder / f"coco_instances_{t}_results.json", self.results(t)) for t in self.iou_types]
-        written.append(atomic_write_json(folder / "instance_metrics.json", {"metrics": self.metrics, "per_class": self.per_class}))
-        return written
+        metrics = {"metrics": self.metrics, "per_class": self.per_class}
+        return [*written, atomic_write_json(folder / "instance_metrics.json", metrics)]
 
 
 def _empty_results(coco_gt: COCO) -> COCO:
     """A results object with no detections (COCO.loadRes cannot take an empty list)."""
     coco_dt = COCO()
-    coco_dt.dataset = {"images": list(coco_gt.dataset["images"]), "categories": list(coco_gt.dataset["categories"]), "annotations": []}
+    coco_dt.dataset = {**coco_gt.dataset, "annotations": []}
     coco_dt.createIndex()
     return coco_dt

@@ -237,7 +237,7 @@ class PanopticEvaluator:
             raise ValueError(f"image id {image_id} has no annotation in {self.panoptic_json}; evaluate on the split it describes")
         path = self.panoptic_root / ann["file_name"]
         if not path.is_file():
-            raise FileNotFoundError(f"ground-truth PNG {path} of image {image_id} (listed in {self.panoptic_json}) does not exist")
+            raise FileNotFoundError(f"ground-truth PNG {path} of image {image_id} (in {self.panoptic_json}) does not exist")
         gt_ids = rgb_to_id(np.asarray(Image.open(path).convert("RGB")))
         segments = {}
         for s in ann["segments_info"]:

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardIndex
 
-from evaluation import SemanticEvaluator
+from evaluation import Evaluator, SemanticEvaluator
 from evaluation_synthetic import make_semantic
 
 
@@ -23,6 +23,7 @@ def test_hand_computed_example():
     gt = np.array([[0, 0, 1, 255], [2, 2, 1, 1]])
     pred = np.array([[0, 1, 1, 2], [2, 0, 1, 1]])
     evaluator = SemanticEvaluator(4, 255, {7: gt}.__getitem__, ["a", "b", "c", "d"], contiguous_to_dataset_id=[5, 6, 7, 8])
+    assert isinstance(evaluator, Evaluator)
     evaluator.process([7], [{"sem_seg": one_hot_scores(pred, 4)}])
     m = evaluator.evaluate()
     # class 0: GT 2, predicted 2, TP 1 -> IoU 1/3, ACC 1/2
