@@ -1,0 +1,184 @@
+"""COCO instance segmentation: `instances_*.json` (polygons, RLE, crowd) plus an image folder."""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pycocotools import mask as mask_utils
+
+from .base import SegmentationDataset
+from .coco_json import index_images, load_json
+from .errors import DataError
+from .image_io import read_image
+from .metadata import DatasetMetadata
+from .records import SerializedList
+from .reporting import Issue, IssueReport
+
+logger = logging.getLogger(__name__)
+
+
+def _polygon_area(polygon: list[float]) -> float:
+    """Shoelace area of a flat [x0, y0, x1, y1, ...] polygon."""
+    xy = np.asarray(polygon, dtype=np.float64).reshape(-1, 2)
+    x, y = xy[:, 0], xy[:, 1]
+    return 0.5 * abs(float(np.dot(x, np.roll(y, 1)) - np.dot(y, np.roll(x, 1))))
+
+
+def check_segmentation(segm: Any, height: int, width: int) -> tuple[Any, tuple[str, str] | None]:
+    """Validate one annotation's `segmentation`; returns (cleaned segmentation, (reason, detail) or None).
+
+    Polygons with fewer than 3 points or zero area are dropped (the annotation is kept if any polygon is
+    left); RLE must have `counts` and a `size` equal to the image's [height, width].
+    """
+    if isinstance(segm, list):
+        if not all(isinstance(p, list) and all(isinstance(v, (int, float)) for v in p) for p in segm):
+            return None, ("malformed segmentation", "segmentation is a list but not of [x0, y0, x1, y1, ...] polygons")
+        valid = [p for p in segm if len(p) >= 6 and len(p) % 2 == 0 and _polygon_area(p) > 0]
+        if not valid:
+            return None, ("degenerate polygon", "every polygon has fewer than 3 points or zero area")
+        return valid, None
+    if isinstance(segm, Mapping):
+        size, counts = segm.get("size"), segm.get("counts")
+        if not isinstance(counts, (list, str, bytes)) or not isinstance(size, list) or len(size) != 2:
+            return None, ("malformed segmentation", "RLE needs 'counts' (list or string) and 'size' [height, width]")
+        if list(size) != [height, width]:
+            return None, ("RLE size mismatch", f"RLE size {size} differs from the image's [{height}, {width}]")
+        return dict(segm), None
+    return None, ("malformed segmentation", "missing or unsupported 'segmentation' (need polygons or RLE)")
+
+
+def decode_segmentations(segms: list[Any], height: int, width: int) -> np.ndarray:
+    """Polygons / uncompressed RLE / compressed RLE -> (N, H, W) uint8 masks, via pycocotools."""
+    if not segms:
+        return np.zeros((0, height, width), dtype=np.uint8)
+    rles = []
+    for segm in segms:
+        if isinstance(segm, list):
+            rles.append(mask_utils.merge(mask_utils.frPyObjects(segm, height, width)))
+        elif isinstance(segm["counts"], list):
+            rles.append(mask_utils.frPyObjects(segm, height, width))
+        else:
+            rles.append(segm)
+    return np.ascontiguousarray(mask_utils.decode(rles).transpose(2, 0, 1))
+
+
+def index_instances(
+    data: Mapping[str, Any], path: str, metadata: DatasetMetadata
+) -> tuple[list[dict[str, Any]], list[Issue]]:
+    """Per-image records (annotations grouped, checked and mapped to contiguous ids) and the issues found."""
+    images = index_images(data, path)
+    annotations: dict[int, list[tuple]] = defaultdict(list)
+    issues: list[Issue] = []
+    for position, ann in enumerate(data["annotations"]):
+        if not isinstance(ann, Mapping):
+            issues.append(("malformed annotation", f"{path}: annotations[{position}] is not an object"))
+            continue
+        ann_id = ann.get("id", f"#{position}")
+        image = images.get(ann.get("image_id"))
+        where = f"{path}: annotation id {ann_id}"
+        if image is None:
+            issues.append(("annotation of unknown image", f"{where} refers to image id {ann.get('image_id')}, not in 'images'"))
+            continue
+        where += f" (image id {image['id']})"
+        label = metadata.dataset_id_to_contiguous.get(ann.get("category_id"))
+        if label is None:
+            issues.append(("unknown category", f"{where}: category id {ann.get('category_id')} is not in 'categories'"))
+            continue
+        bbox = ann.get("bbox")
+        if isinstance(bbox, list) and len(bbox) == 4 and (bbox[2] < 0 or bbox[3] < 0):
+            issues.append(("negative box size", f"{where}: bbox {bbox} has a negative width or height"))
+            continue
+        segm, problem = check_segmentation(ann.get("segmentation"), image["height"], image["width"])
+        if problem is not None:
+            issues.append((problem[0], f"{where}: {problem[1]}"))
+            continue
+        annotations[image["id"]].append((ann_id, label, bool(ann.get("iscrowd", 0)), segm))
+    records = [
+        {
+            "image_id": image_id,
+            "file_name": image["file_name"],
+            "height": image["height"],
+            "width": image["width"],
+            "annotations": annotations.get(image_id, []),
+        }
+        for image_id, image in images.items()
+    ]
+    return records, issues
+
+
+def filter_records(records: list[dict[str, Any]], path: str, filter_empty: bool, what: str) -> list[dict[str, Any]]:
+    """Drop images without (non-crowd) segments if `filter_empty`; an empty result is a DataError."""
+    kept = [r for r in records if not filter_empty or r["num_segments"] > 0]
+    if not kept:
+        detail = f"all {len(records)} images have no usable {what}" if records else "it lists no images"
+        hint = "set filter_empty=false or fix the annotations" if records else "check the file"
+        raise DataError(f"{path}: the dataset is empty after filtering ({detail}); {hint}")
+    return kept
+
+
+class CocoInstanceDataset(SegmentationDataset):
+    """COCO-format instances JSON + image folder; also the reader for custom COCO-format data.
+
+    Annotations are checked and indexed once (serialized, see records.py); masks are decoded per item.
+    Problem annotations (unknown category, polygon with < 3 points or zero area, negative box size, RLE of
+    the wrong size, unknown image id) are dropped, counted and reported once when the dataset is built.
+    """
+
+    def __init__(
+        self,
+        ann_file: str | Path,
+        img_dir: str | Path,
+        transform: Callable | None = None,
+        task: str = "instance",
+        filter_empty: bool = False,
+        skip_bad_images: bool = False,
+        panoptic_json: str | None = None,
+        panoptic_root: str | None = None,
+    ) -> None:
+        super().__init__(task, transform, skip_bad_images)
+        if task != "instance":
+            raise DataError(
+                f"{ann_file}: an instances JSON gives task=instance only; task={task} needs panoptic_json/"
+                "panoptic_root (panoptic, semantic) or sem_seg_dir (semantic)"
+            )
+        self.img_dir = Path(img_dir)
+        data = load_json(ann_file)
+        self.metadata = DatasetMetadata.from_categories(
+            data["categories"], str(ann_file), ann_file=str(ann_file), panoptic_json=panoptic_json, panoptic_root=panoptic_root
+        )
+        records, issues = index_instances(data, str(ann_file), self.metadata)
+        del data
+        for record in records:
+            record["num_segments"] = sum(1 for a in record["annotations"] if not a[2])
+        records = filter_records(records, str(ann_file), filter_empty, "non-crowd annotations")
+        self.index_issues = IssueReport()
+        self.index_issues.extend(issues)
+        self.index_issues.log(f"{ann_file}: dropped at start-up")
+        self.image_ids = [r["image_id"] for r in records]
+        self._records = SerializedList(records)
+
+    def load_raw(self, index: int, include_crowd: bool = True) -> dict[str, Any]:
+        record = self._records[index]
+        height, width = record["height"], record["width"]
+        image = read_image(self.img_dir / record["file_name"], record["image_id"], (height, width))
+        anns = [a for a in record["annotations"] if include_crowd or not a[2]]
+        try:
+            masks = decode_segmentations([a[3] for a in anns], height, width)
+        except (ValueError, TypeError, OverflowError) as e:
+            raise DataError(f"image id {record['image_id']}: a segmentation cannot be decoded by pycocotools ({e})") from None
+        return {
+            "image": image,
+            "image_id": record["image_id"],
+            "orig_size": (height, width),
+            "file_name": record["file_name"],
+            "labels": np.array([a[1] for a in anns], dtype=np.int64),
+            "iscrowd": np.array([a[2] for a in anns], dtype=bool),
+            "annotation_ids": [a[0] for a in anns],
+            "masks": masks,
+            "issues": [],
+        }

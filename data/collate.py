@@ -1,0 +1,66 @@
+"""Batching: pad images to a common size divisible by 32, keep a padding mask, pad targets' masks."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class Collate:
+    """Collate samples into the batch of docs/architecture.md.
+
+    Images are ImageNet-normalised and padded with zeros (the mean color) bottom/right to the batch's
+    largest size rounded up to `size_divisibility`, or to `fixed_size` (LSJ); targets stay one dict per
+    image, their masks padded with False and `sem_seg` with `ignore_index`. Data issues met while loading
+    are passed on under "data_issues" (the DataModule takes them out and reports them).
+    """
+
+    def __init__(
+        self, size_divisibility: int = 32, fixed_size: tuple[int, int] | None = None, ignore_index: int = 255
+    ) -> None:
+        self.size_divisibility = size_divisibility
+        self.fixed_size = tuple(fixed_size) if fixed_size is not None else None
+        self.ignore_index = ignore_index
+        self.mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1) * 255
+        self.std = torch.tensor(IMAGENET_STD).view(3, 1, 1) * 255
+
+    def padded_size(self, sizes: list[tuple[int, int]]) -> tuple[int, int]:
+        height = max(h for h, _ in sizes)
+        width = max(w for _, w in sizes)
+        if self.fixed_size is not None:
+            height, width = max(height, self.fixed_size[0]), max(width, self.fixed_size[1])
+        step = self.size_divisibility
+        return math.ceil(height / step) * step, math.ceil(width / step) * step
+
+    def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
+        sizes = [tuple(s["image"].shape[1:]) for s in samples]
+        pad_h, pad_w = self.padded_size(sizes)
+        images = torch.zeros(len(samples), 3, pad_h, pad_w)
+        padding_mask = torch.ones(len(samples), pad_h, pad_w, dtype=torch.bool)
+        targets = []
+        for i, (sample, (h, w)) in enumerate(zip(samples, sizes)):
+            images[i, :, :h, :w] = (sample["image"].float() - self.mean) / self.std
+            padding_mask[i, :h, :w] = False
+            target = dict(sample["target"])
+            masks = torch.zeros(target["masks"].shape[0], pad_h, pad_w, dtype=torch.bool)
+            masks[:, :h, :w] = target["masks"]
+            target["masks"] = masks
+            if "sem_seg" in target:
+                sem_seg = torch.full((pad_h, pad_w), self.ignore_index, dtype=torch.long)
+                sem_seg[:h, :w] = target["sem_seg"]
+                target["sem_seg"] = sem_seg
+            targets.append(target)
+        return {
+            "images": images,
+            "padding_mask": padding_mask,
+            "targets": targets,
+            "image_ids": [s["image_id"] for s in samples],
+            "image_sizes": sizes,
+            "orig_sizes": [tuple(s["orig_size"]) for s in samples],
+            "data_issues": [issue for s in samples for issue in s["issues"]],
+        }

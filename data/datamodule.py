@@ -1,0 +1,168 @@
+"""The LightningDataModule: datasets per split, transforms, loaders, DDP-exact evaluation, issue reports."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningDataModule
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+from torch.utils.data import DataLoader
+
+from .base import SegmentationDataset
+from .build import build_dataset, read_metadata, resolve_split
+from .collate import Collate
+from .errors import DataError
+from .metadata import DatasetMetadata
+from .reporting import IssueReport
+from .synthetic import ensure_synthetic
+from .transforms import build_transform, recipe_fixed_size
+
+
+class DataModule(LightningDataModule):
+    """Train / val / test loaders for task "panoptic", "instance" or "semantic".
+
+    Split settings (`train`, `val`, `test`; test defaults to val) hold paths relative to `root`
+    (absolute paths are kept): img_dir, ann_file, panoptic_json, panoptic_root or sem_seg_dir, and options
+    filter_empty, skip_bad_images, ignore_value, reduce_zero_label. With `synthetic` set (generator
+    settings), the synthetic dataset is generated under `root` on first use and `root` becomes its folder.
+    Transforms are {"recipe": "lsj" | "ade" | "resize", **sizes}.
+
+    `metadata` works right after construction (it reads only the categories). Under DDP, training uses
+    Lightning's DistributedSampler; validation and test use a non-padding sampler, so every image is seen
+    exactly once over all ranks (ranks may differ by one batch).
+    """
+
+    def __init__(
+        self,
+        task: str = "panoptic",
+        root: str = ".",
+        train: Mapping[str, Any] | None = None,
+        val: Mapping[str, Any] | None = None,
+        test: Mapping[str, Any] | None = None,
+        synthetic: Mapping[str, Any] | None = None,
+        class_names: Sequence[str] | None = None,
+        train_transform: Mapping[str, Any] | None = None,
+        eval_transform: Mapping[str, Any] | None = None,
+        batch_size: int = 8,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        pin_memory: bool = True,
+        persistent_workers: bool = True,
+        size_divisibility: int = 32,
+    ) -> None:
+        super().__init__()
+        self.task = task
+        self.root, self.synthetic = root, dict(synthetic) if synthetic else None
+        self.splits = {"train": train, "val": val, "test": test if test else val}
+        self.class_names = list(class_names) if class_names else None
+        self.train_transform = dict(train_transform or {"recipe": "lsj", "size": 1024, "scale": [0.1, 2.0]})
+        self.eval_transform = dict(eval_transform or {"recipe": "resize", "short": 800, "max_size": 1333})
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
+        self.num_workers, self.pin_memory = num_workers, pin_memory
+        self.persistent_workers, self.size_divisibility = persistent_workers, size_divisibility
+        self.datasets: dict[str, SegmentationDataset] = {}
+        self.issue_report = IssueReport()
+        self._data_root: Path | None = None
+        self._metadata: DatasetMetadata | None = None
+        self._report_epoch: int | None = None
+
+    @property
+    def data_root(self) -> Path:
+        """The folder split paths are relative to (the generated synthetic folder with `synthetic` set)."""
+        if self._data_root is None:
+            root = Path(str(self.root)).expanduser()
+            self._data_root = ensure_synthetic(root, **self.synthetic) if self.synthetic else root
+        return self._data_root
+
+    def _settings(self, split: str) -> dict[str, Any]:
+        return resolve_split(split, self.splits[split], self.data_root)
+
+    @property
+    def metadata(self) -> DatasetMetadata:
+        """Classes of the training split (else val) with the evaluation split's paths; no index is built."""
+        if self._metadata is None:
+            source = "train" if self.splits["train"] else "val"
+            metadata = read_metadata(self.task, source, self._settings(source), self.class_names)
+            if self.splits["val"]:
+                paths = read_metadata(self.task, "val", self._settings("val"), self.class_names)
+                if not metadata.same_classes(paths):
+                    raise DataError("data.train and data.val have different categories; both must list the same classes")
+                metadata = paths
+            self._metadata = metadata
+        return self._metadata
+
+    def _dataset(self, split: str) -> SegmentationDataset:
+        if split not in self.datasets:
+            train = split == "train"
+            recipe = self.train_transform if train else self.eval_transform
+            transform = build_transform(**recipe)
+            dataset = build_dataset(self.task, split, self._settings(split), transform, train, self.class_names)
+            if not dataset.metadata.same_classes(self.metadata):
+                raise DataError(f"data.{split}: its categories differ from the training split's; all splits must list the same classes")
+            self.datasets[split] = dataset
+        return self.datasets[split]
+
+    def setup(self, stage: str | None = None) -> None:
+        splits = {"fit": ["train", "val"], "validate": ["val"], "test": ["test"], "predict": ["test"]}
+        for split in splits.get(stage, ["train", "val", "test"]) if stage else ["train", "val", "test"]:
+            if self.splits[split]:
+                self._dataset(split)
+
+    @property
+    def train_dataset(self) -> SegmentationDataset:
+        return self._dataset("train")
+
+    @property
+    def val_dataset(self) -> SegmentationDataset:
+        return self._dataset("val")
+
+    @property
+    def test_dataset(self) -> SegmentationDataset:
+        return self._dataset("test")
+
+    def _loader(self, dataset: SegmentationDataset, train: bool) -> DataLoader:
+        fixed_size = recipe_fixed_size(**self.train_transform) if train else None
+        sampler = None
+        trainer = self.trainer
+        if not train and trainer is not None and trainer.world_size > 1:
+            sampler = UnrepeatedDistributedSampler(dataset, num_replicas=trainer.world_size, rank=trainer.global_rank, shuffle=False)
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size if train else self.eval_batch_size,
+            shuffle=train,
+            sampler=sampler,
+            num_workers=self.num_workers,
+            collate_fn=Collate(self.size_divisibility, fixed_size, self.metadata.ignore_index),
+            pin_memory=self.pin_memory and torch.cuda.is_available(),
+            persistent_workers=self.persistent_workers and self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_dataset, train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_dataset, train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_dataset, train=False)
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Take the batch's data issues out, count them, and report the previous epoch's once it is over."""
+        issues = batch.pop("data_issues", []) if isinstance(batch, dict) else []
+        trainer = self.trainer
+        epoch = trainer.current_epoch if trainer is not None else None
+        if epoch != self._report_epoch:
+            self.report_issues()
+            self._report_epoch = epoch
+        self.issue_report.extend(issues)
+        return batch
+
+    def report_issues(self) -> str | None:
+        """Log the data issues counted since the last report (once) and return the text."""
+        return self.issue_report.flush(f"data (epoch {self._report_epoch})")
+
+    def teardown(self, stage: str | None = None) -> None:
+        self.report_issues()

@@ -1,0 +1,83 @@
+"""Decoding image and label files into numpy arrays, with clear errors for missing or corrupt files."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from .errors import BadImageError, DataError
+
+# Errors PIL raises for truncated, corrupt or unsupported files.
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
+_SIXTEEN_BIT_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I"}
+
+
+def _open(path: Path, what: str, image_id: object) -> Image.Image:
+    """Open and fully decode `path`, turning PIL's errors into a BadImageError naming the file."""
+    if not path.is_file():
+        raise BadImageError(f"{path}: {what} of image id {image_id} not found; check the folder setting or remove the entry")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # PIL's EXIF / decompression warnings; real problems raise below
+            image = Image.open(path)
+            image.load()
+    except _DECODE_ERRORS as e:
+        raise BadImageError(
+            f"{path}: {what} of image id {image_id} cannot be decoded ({type(e).__name__}: {e}); the file is "
+            "truncated or corrupt, re-download or remove it"
+        ) from None
+    return image
+
+
+def to_rgb(image: Image.Image) -> np.ndarray:
+    """(H, W, 3) uint8 RGB from any PIL mode: gray, palette, RGBA (alpha dropped), CMYK, 16-bit (scaled to 8)."""
+    if image.mode in _SIXTEEN_BIT_MODES:
+        values = np.asarray(image).astype(np.float32)
+        gray = np.clip(np.rint(values / 257.0), 0, 255).astype(np.uint8)
+        return np.repeat(gray[:, :, None], 3, axis=2)
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    return np.array(image)  # a writable copy (np.asarray of a PIL image is read-only)
+
+
+def read_image(path: str | Path, image_id: object, expected_hw: tuple[int, int] | None = None) -> np.ndarray:
+    """Read an image as (H, W, 3) uint8 RGB with its EXIF orientation applied.
+
+    A missing or undecodable file is a BadImageError; a size different from `expected_hw` (the JSON's
+    height/width) is a DataError naming both sizes.
+    """
+    path = Path(path)
+    image = _open(path, "image file", image_id)
+    try:
+        image = ImageOps.exif_transpose(image)
+    except _DECODE_ERRORS:
+        pass  # an unreadable EXIF block: keep the stored orientation
+    array = to_rgb(image)
+    if expected_hw is not None and tuple(array.shape[:2]) != tuple(expected_hw):
+        raise DataError(
+            f"{path}: image id {image_id} is {array.shape[0]}x{array.shape[1]} (HxW, after EXIF orientation) but "
+            f"the annotation file says {expected_hw[0]}x{expected_hw[1]}; fix the image entry's height/width or "
+            "replace the file"
+        )
+    return array
+
+
+def read_label_png(path: str | Path, image_id: object, mode: str) -> np.ndarray:
+    """Read a label PNG. mode "rgb": (H, W, 3) uint8 (panoptic ids); mode "index": (H, W) int64 class indices."""
+    path = Path(path)
+    image = _open(path, "label file", image_id)
+    if mode == "rgb":
+        if image.mode not in ("RGB", "RGBA"):
+            raise DataError(f"{path}: panoptic PNG of image id {image_id} is mode {image.mode}; it must be RGB-encoded ids")
+        return np.array(image.convert("RGB"))
+    if image.mode not in ("L", "P", "I", "I;16", "I;16B", "I;16L"):
+        raise DataError(
+            f"{path}: label PNG of image id {image_id} is mode {image.mode}; it must hold one class index per pixel "
+            "(8- or 16-bit single channel)"
+        )
+    return np.asarray(image).astype(np.int64)

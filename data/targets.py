@@ -1,0 +1,64 @@
+"""MaskFormer-style training targets built from transformed segment maps, masks or label maps."""
+
+from __future__ import annotations
+
+import torch
+
+
+def masks_to_boxes(masks: torch.Tensor) -> torch.Tensor:
+    """(N, H, W) bool -> (N, 4) float XYXY boxes, x2/y2 exclusive (one past the last pixel); empty -> zeros."""
+    if masks.shape[0] == 0:
+        return torch.zeros(0, 4)
+    rows, cols = masks.any(dim=2), masks.any(dim=1)  # (N, H), (N, W)
+    height, width = masks.shape[1:]
+    y1 = rows.float().argmax(dim=1)
+    y2 = height - rows.flip(1).float().argmax(dim=1)
+    x1 = cols.float().argmax(dim=1)
+    x2 = width - cols.flip(1).float().argmax(dim=1)
+    boxes = torch.stack([x1, y1, x2, y2], dim=1).float()
+    return boxes * rows.any(dim=1, keepdim=True)
+
+
+def _segments_target(masks: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Drop segments left empty by a crop, then add boxes."""
+    keep = masks.flatten(1).any(dim=1)
+    masks, labels = masks[keep], labels[keep]
+    return {"labels": labels, "masks": masks, "boxes": masks_to_boxes(masks)}
+
+
+def semantic_target(sem_seg: torch.Tensor, ignore_index: int) -> dict[str, torch.Tensor]:
+    """(H, W) class map -> one mask per class present (MaskFormer semantic training) plus `sem_seg`."""
+    sem_seg = sem_seg.long()
+    classes = torch.unique(sem_seg)
+    classes = classes[classes != ignore_index]
+    masks = sem_seg[None] == classes[:, None, None]
+    return {"labels": classes, "masks": masks, "boxes": masks_to_boxes(masks), "sem_seg": sem_seg}
+
+
+def target_from_segment_map(
+    segment_map: torch.Tensor,
+    labels: torch.Tensor,
+    iscrowd: torch.Tensor,
+    isthing: torch.Tensor,
+    task: str,
+    ignore_index: int,
+) -> dict[str, torch.Tensor]:
+    """Targets from a panoptic index map.
+
+    segment_map: (H, W) int, 0 = void and k + 1 = segment k. labels, iscrowd: (N,) per segment;
+    isthing: (K,) bool per class. Crowd segments never become targets; in `sem_seg` they are ignore_index.
+    """
+    segment_map = segment_map.long()
+    if task == "semantic":
+        lut = torch.full((labels.shape[0] + 1,), ignore_index, dtype=torch.long)
+        lut[1:] = torch.where(iscrowd, torch.full_like(labels, ignore_index), labels)
+        return semantic_target(lut[segment_map], ignore_index)
+    keep = ~iscrowd if task == "panoptic" else ~iscrowd & isthing[labels]
+    index = torch.nonzero(keep).flatten()
+    masks = segment_map[None] == (index + 1)[:, None, None]
+    return _segments_target(masks, labels[index])
+
+
+def target_from_masks(masks: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Targets from (N, H, W) per-instance masks (may overlap) and (N,) labels."""
+    return _segments_target(masks.bool(), labels)
