@@ -3,16 +3,25 @@
 from . import convnext, resnet, swin  # noqa: F401  (registers the native architectures)
 from .auto import AutoBackbone, list_backbones, register_backbone
 from .base import Backbone, BackboneOutput
+from .checkpoint import LoadReport, load_backbone_state_dict
+from .convnext import ConvNeXtBackbone
+from .resnet import ResNetBackbone
 from .selection import get_aligned_output_features_output_indices, verify_out_features_out_indices
+from .swin import SwinBackbone
 from .timm_backbone import TimmBackbone
 
 __all__ = [
     "AutoBackbone",
     "Backbone",
     "BackboneOutput",
+    "ConvNeXtBackbone",
+    "LoadReport",
+    "ResNetBackbone",
+    "SwinBackbone",
     "TimmBackbone",
     "get_aligned_output_features_output_indices",
     "list_backbones",
+    "load_backbone_state_dict",
     "register_backbone",
     "verify_out_features_out_indices",
 ]

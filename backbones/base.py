@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -47,6 +49,25 @@ class Backbone(nn.Module):
         self._out_features, self._out_indices = get_aligned_output_features_output_indices(
             out_features, out_indices, self.stage_names
         )
+
+    # ---- description for saving -----------------------------------------------------------------
+    def _set_config(self, target: str, **kwargs: Any) -> None:
+        """Record the import path and constructor arguments (JSON values) that rebuild this backbone."""
+        self._config = {"_target_": target, **kwargs}
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """`_target_` and the constructor arguments of this backbone, with its current selection."""
+        if not hasattr(self, "_config"):
+            raise NotImplementedError(f"{type(self).__name__} does not record its config (call _set_config)")
+        return {**self._config, "out_features": self.out_features}
+
+    def save_pretrained(self, folder: str | Path) -> Path:
+        """Write `config.json` (`config`) and `model.safetensors` to `folder`; reload with
+        `AutoBackbone.from_pretrained(folder)`."""
+        from .checkpoint import save_backbone
+
+        return save_backbone(self, folder)
 
     # ---- selection ------------------------------------------------------------------------------
     @property

@@ -28,7 +28,7 @@ class ConvNeXtBackbone(Backbone):
         out_features: Sequence[str] | None = None,
         out_indices: Sequence[int] | None = None,
         drop_path_rate: float = 0.0,
-        layer_scale_init_value: float = 1e-6,
+        layer_scale_init_value: float | None = 1e-6,
         freeze_at: int = -1,
         in_channels: int = 3,
     ) -> None:
@@ -40,13 +40,17 @@ class ConvNeXtBackbone(Backbone):
             out_indices=out_indices,
             in_channels=in_channels,
         )
+        self._set_config(
+            "backbones.ConvNeXtBackbone", depths=list(depths), dims=list(dims), drop_path_rate=drop_path_rate,
+            layer_scale_init_value=layer_scale_init_value, freeze_at=freeze_at, in_channels=in_channels,
+        )
         net = TimmConvNeXt(
             in_chans=in_channels,
             num_classes=0,
             depths=tuple(depths),
             dims=tuple(dims),
             drop_path_rate=drop_path_rate,
-            ls_init_value=layer_scale_init_value,
+            ls_init_value=layer_scale_init_value or None,  # None or 0: no layer scale
         )
         self.stem, self.stages = net.stem, net.stages
         self.out_norms = OutputNorms(

@@ -1,7 +1,9 @@
 """ResNet 18/34/50/101 backbones (torchvision / HF "v1.5": the stride sits in the 3x3 conv).
 
-Built on timm's ResNet modules; the state-dict layout is timm's and torchvision's
-(`conv1`, `bn1`, `layer1.0.conv1`, ...) without the classifier.
+Built from timm's ResNet blocks (`timm.models.resnet.make_blocks`); the state-dict layout is timm's and
+torchvision's (`conv1`, `bn1`, `layer1.0.conv1`, ...) without the classifier. Stage widths and the
+stem width are arguments, so transformers ResNet configs of any size (`hidden_sizes`,
+`embedding_size`) are rebuilt exactly.
 
 Stages: stem (conv7x7 + BN + ReLU + maxpool, stride 4) and stage1..stage4 (strides 4, 8, 16, 32).
 """
@@ -12,20 +14,20 @@ from collections.abc import Sequence
 
 import torch
 from timm.layers import freeze_batch_norm_2d
-from timm.models.resnet import BasicBlock, Bottleneck
-from timm.models.resnet import ResNet as TimmResNet
+from timm.models.resnet import BasicBlock, Bottleneck, make_blocks
 from torch import nn
 
 from .auto import register_backbone
 from .base import Backbone
 
 NORMS = ("frozen_bn", "bn", "syncbn")
+BLOCKS = {"basic": BasicBlock, "bottleneck": Bottleneck}
 
 
 class ResNetBackbone(Backbone):
     def __init__(
         self,
-        block: type[nn.Module],
+        block: str | type[nn.Module],
         layers: Sequence[int],
         out_features: Sequence[str] | None = None,
         out_indices: Sequence[int] | None = None,
@@ -33,36 +35,66 @@ class ResNetBackbone(Backbone):
         drop_path_rate: float = 0.0,
         freeze_at: int = -1,
         in_channels: int = 3,
+        stage_channels: Sequence[int] | None = None,
+        stem_channels: int = 64,
     ) -> None:
-        """`norm`: "frozen_bn" (the fine-tuning default), "bn" or "syncbn"."""
+        """`block`: "basic" or "bottleneck" (or timm's block class); `norm`: "frozen_bn" (the fine-tuning
+        default), "bn" or "syncbn"; `stage_channels`: output channels of stage1..4 (default 64, 128, 256,
+        512 times the block expansion); `stem_channels`: width of the 7x7 stem conv."""
         if norm not in NORMS:
             raise ValueError(f"norm={norm!r} is not supported; choose one of {NORMS}")
-        expansion = block.expansion
-        channels = [64] + [width * expansion for width in (64, 128, 256, 512)]
+        block_name = block if isinstance(block, str) else {v: k for k, v in BLOCKS.items()}.get(block)
+        if block_name not in BLOCKS:
+            raise ValueError(f"block={block!r} is not supported; choose one of {list(BLOCKS)}")
+        block = BLOCKS[block_name]
+        if stage_channels is None:
+            stage_channels = [width * block.expansion for width in (64, 128, 256, 512)]
+        if len(stage_channels) != 4 or len(layers) != 4 or any(c % block.expansion for c in stage_channels):
+            raise ValueError(
+                f"ResNetBackbone takes 4 stages: layers={list(layers)}, stage_channels={list(stage_channels)} "
+                f"(each a multiple of {block.expansion} for {block_name} blocks)"
+            )
         super().__init__(
             stage_names=["stem", "stage1", "stage2", "stage3", "stage4"],
-            stage_channels=channels,
+            stage_channels=[stem_channels, *stage_channels],
             stage_strides=[4, 4, 8, 16, 32],
             out_features=out_features,
             out_indices=out_indices,
             in_channels=in_channels,
         )
-        net = TimmResNet(
-            block=block,
-            layers=tuple(layers),
-            in_chans=in_channels,
-            num_classes=0,
-            global_pool="",
-            drop_path_rate=drop_path_rate,
+        self._set_config(
+            "backbones.ResNetBackbone", block=block_name, layers=list(layers), norm=norm, drop_path_rate=drop_path_rate,
+            freeze_at=freeze_at, in_channels=in_channels, stage_channels=list(stage_channels), stem_channels=stem_channels,
         )
+        self.conv1 = nn.Conv2d(in_channels, stem_channels, kernel_size=7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(stem_channels)
+        self.act1 = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        stages, _ = make_blocks(
+            (block,) * 4,
+            tuple(c // block.expansion for c in stage_channels),
+            tuple(layers),
+            inplanes=stem_channels,
+            drop_path_rate=drop_path_rate,
+            act_layer=nn.ReLU,
+            norm_layer=nn.BatchNorm2d,
+        )
+        for name, stage in stages:  # layer1..layer4: timm's / torchvision's names
+            self.add_module(name, stage)
+        self._init_weights()
         if norm == "frozen_bn":
-            net = freeze_batch_norm_2d(net)
+            freeze_batch_norm_2d(self)
         elif norm == "syncbn":
-            net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
-        # Keep timm's / torchvision's module names so their state dicts load as they are.
-        self.conv1, self.bn1, self.act1, self.maxpool = net.conv1, net.bn1, net.act1, net.maxpool
-        self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
+            nn.SyncBatchNorm.convert_sync_batchnorm(self)
         self.freeze_stages(freeze_at)
+
+    def _init_weights(self) -> None:
+        """timm's ResNet initialisation: Kaiming-normal convs, zero last BN of each residual branch."""
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            if hasattr(module, "zero_init_last"):
+                module.zero_init_last()
 
     def stage_modules(self) -> list[list[nn.Module]]:
         return [[self.conv1, self.bn1, self.act1, self.maxpool], [self.layer1], [self.layer2], [self.layer3], [self.layer4]]
@@ -80,19 +112,19 @@ class ResNetBackbone(Backbone):
 
 @register_backbone
 def resnet18(**kwargs) -> ResNetBackbone:
-    return ResNetBackbone(BasicBlock, (2, 2, 2, 2), **kwargs)
+    return ResNetBackbone("basic", (2, 2, 2, 2), **kwargs)
 
 
 @register_backbone
 def resnet34(**kwargs) -> ResNetBackbone:
-    return ResNetBackbone(BasicBlock, (3, 4, 6, 3), **kwargs)
+    return ResNetBackbone("basic", (3, 4, 6, 3), **kwargs)
 
 
 @register_backbone
 def resnet50(**kwargs) -> ResNetBackbone:
-    return ResNetBackbone(Bottleneck, (3, 4, 6, 3), **kwargs)
+    return ResNetBackbone("bottleneck", (3, 4, 6, 3), **kwargs)
 
 
 @register_backbone
 def resnet101(**kwargs) -> ResNetBackbone:
-    return ResNetBackbone(Bottleneck, (3, 4, 23, 3), **kwargs)
+    return ResNetBackbone("bottleneck", (3, 4, 23, 3), **kwargs)

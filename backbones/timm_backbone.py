@@ -5,35 +5,56 @@ swin: layers.0..layers.3), `out_indices` are in timm's index space, `channels` /
 `feature_info`. Outputs are always NCHW (timm's Swin-family features are NHWC and are permuted).
 Models built for a fixed input size (Swin, ViT, ...) are created with `dynamic_img_size=True` and
 their input is zero-padded at the bottom/right to a multiple of the patch size, so any H, W works.
+
+Pretrained weights load through timm's own machinery (its checkpoint filters, classifier removal,
+input-channel adaptation): `pretrained=True` takes the model's default weights, a string names a
+weights file or a Hub repo holding timm weights, and `model_name` may be a timm source such as
+`hf-hub:timm/convnext_tiny.fb_in22k` or `local-dir:/path/to/folder` (config.json + weights).
 """
 
 from __future__ import annotations
 
 import difflib
+import pickle
 from collections.abc import Sequence
 from functools import partial
+from typing import Any
 
 import timm
 import torch
 import torch.nn.functional as F
-from timm.models import get_pretrained_cfg
+from timm.models import get_pretrained_cfg, load_model_config_from_hf, parse_model_name
+from timm.models._hub import load_model_config_from_path
+from safetensors import SafetensorError
 from torch import nn
 
 from .base import Backbone
+from .checkpoint import timm_pretrained_overlay
+
+# What a failed weights download / read / load raises inside timm.
+WEIGHT_ERRORS = (ValueError, OSError, RuntimeError, AssertionError, KeyError, pickle.UnpicklingError, SafetensorError)
 
 
-def _has_fixed_input_size(model_name: str) -> bool:
-    cfg = get_pretrained_cfg(model_name)
-    return bool(cfg is not None and cfg.fixed_input_size)
-
-
-def _create_features_model(model_name: str, pretrained: bool, timm_kwargs: dict) -> nn.Module:
+def _resolve(model_name: str) -> tuple[str, dict[str, Any], dict[str, Any]]:
+    """(architecture, pretrained config, saved model arguments) of a timm name or `hf-hub:` / `local-dir:` source."""
+    source, model_id = parse_model_name(model_name)
+    if source == "hf-hub":
+        cfg, architecture, model_args = load_model_config_from_hf(model_id)
+        return architecture, cfg, dict(model_args or {})
+    if source == "local-dir":
+        cfg, architecture, model_args = load_model_config_from_path(model_id)
+        return architecture, cfg, dict(model_args or {})
     if not timm.is_model(model_name):
         close = difflib.get_close_matches(model_name, timm.list_models(), n=5)
         raise ValueError(f"unknown timm model {model_name!r}" + (f"; did you mean {close}?" if close else ""))
+    cfg = get_pretrained_cfg(model_name)
+    return model_name.split(".")[0], (cfg.to_dict() if cfg is not None else {}), {}
+
+
+def _create_features_model(model_name: str, fixed_size: bool, pretrained: bool, timm_kwargs: dict) -> nn.Module:
     create = partial(timm.create_model, model_name, pretrained=pretrained, features_only=True)
     try:
-        if _has_fixed_input_size(model_name) and not {"dynamic_img_size", "strict_img_size"} & set(timm_kwargs):
+        if fixed_size and not {"dynamic_img_size", "strict_img_size"} & set(timm_kwargs):
             try:  # accept any input size (Swin, ViT, ...)
                 return create(dynamic_img_size=True, **timm_kwargs)
             except TypeError as error:
@@ -42,6 +63,8 @@ def _create_features_model(model_name: str, pretrained: bool, timm_kwargs: dict)
                 # this model has no dynamic size: it only takes its pretrained input size
         return create(**timm_kwargs)
     except (RuntimeError, AssertionError, NotImplementedError) as error:
+        if pretrained:  # TimmBackbone reports it as a weights problem
+            raise
         raise ValueError(
             f"timm model {model_name!r} cannot be used as a backbone with {timm_kwargs or 'default arguments'}: "
             f"timm.create_model(features_only=True) failed ({type(error).__name__}: {str(error) or 'no message'})"
@@ -49,22 +72,41 @@ def _create_features_model(model_name: str, pretrained: bool, timm_kwargs: dict)
 
 
 class TimmBackbone(Backbone):
-    """Wrap `timm.create_model(model_name, features_only=True, **timm_kwargs)`."""
+    """Wrap `timm.create_model(model_name, features_only=True, pretrained=..., **timm_kwargs)`."""
 
     def __init__(
         self,
         model_name: str,
         out_indices: Sequence[int] | None = None,
-        pretrained: bool = False,
+        pretrained: bool | str | None = False,
         out_features: Sequence[str] | None = None,
         **timm_kwargs,
     ) -> None:
-        model = _create_features_model(model_name, pretrained, timm_kwargs)
-        info = model.feature_info.info
-        if len(model.feature_info.out_indices) != len(info):  # extract every level so any can be selected
-            model = _create_features_model(
-                model_name, pretrained, {**timm_kwargs, "out_indices": tuple(range(len(info)))}
-            )
+        """`pretrained`: False / None (random weights), True (timm's default weights for `model_name`), or a
+        weights file / Hub repo id (`timm/<name>`, optionally `@revision`) whose timm weights are loaded."""
+        try:
+            architecture, pretrained_cfg, model_args = _resolve(model_name)
+        except (OSError, RuntimeError) as error:  # a Hub or folder source that cannot be read
+            raise ValueError(f"cannot read the timm model config of {model_name!r}: {error}") from error
+        build_kwargs = dict(timm_kwargs)
+        if isinstance(pretrained, str):
+            overlay = {**build_kwargs.pop("pretrained_cfg_overlay", {}), **timm_pretrained_overlay(pretrained)}
+            build_kwargs["pretrained_cfg_overlay"] = overlay
+        fixed_size = bool(pretrained_cfg.get("fixed_input_size"))
+        build = partial(_create_features_model, model_name, fixed_size, bool(pretrained))
+        try:
+            model = build(build_kwargs)
+            info = model.feature_info.info
+            if len(model.feature_info.out_indices) != len(info):  # extract every level so any can be selected
+                model = build({**build_kwargs, "out_indices": tuple(range(len(info)))})
+        except WEIGHT_ERRORS as error:
+            if not pretrained:
+                raise
+            weights = pretrained if isinstance(pretrained, str) else "timm's default weights"
+            raise ValueError(
+                f"loading pretrained weights ({weights}) into timm model {model_name!r} failed: "
+                f"{type(error).__name__}: {error}"
+            ) from error
         super().__init__(
             stage_names=[level["module"] for level in info],
             stage_channels=[level["num_chs"] for level in info],
@@ -73,10 +115,12 @@ class TimmBackbone(Backbone):
             out_indices=out_indices,
             in_channels=timm_kwargs.get("in_chans", 3),
         )
+        saved = {k: v for k, v in timm_kwargs.items() if k not in ("pretrained_cfg", "pretrained_cfg_overlay")}
+        self._set_config("backbones.TimmBackbone", model_name=architecture, **{**model_args, **saved})
         self.model_name = model_name
         self.model = model
         self.channels_last_output = getattr(model, "output_fmt", "NCHW") == "NHWC"
-        self.pad_multiple = info[0]["reduction"] if _has_fixed_input_size(model_name) else 1
+        self.pad_multiple = info[0]["reduction"] if fixed_size else 1
 
     def stage_modules(self) -> list[list[nn.Module]]:
         raise NotImplementedError(

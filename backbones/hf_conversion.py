@@ -1,0 +1,199 @@
+"""transformers ResNet / Swin / ConvNeXt checkpoints -> native backbones (architecture and weights).
+
+`native_backbone_from_hf_config` reads a transformers backbone config (`config.json` as a dict) and
+returns the native class and its constructor arguments; `convert_hf_backbone_state_dict` renames the
+weights to the native (timm) layout. Both key layouts are read:
+
+- v4, what Hub files hold: Swin `attention.self.{query,key,value}`, `attention.output.dense`,
+  `intermediate.dense`, `output.dense`; `SwinBackbone` weights without the `swin.` prefix;
+- v5, what transformers 5 models hold in memory: `attention.{q,k,v,o}_proj`,
+  `attention.relative_position_bias.relative_position_bias_table`, `mlp.fc{1,2}`.
+
+ResNet and ConvNeXt names are the same in both. The bare model, the classification model (prefix
+`resnet.` / `swin.` / `convnext.`, plus a classifier) and the `*Backbone` class (plus
+`hidden_states_norms`, our `out_norms`) are accepted; MaskFormer's Swin (`maskformer-swin`, prefix
+`model.`, `hidden_states_norms.0..3`) too. Swin's patch merging sits at the end of stage N in
+transformers and at the start of stage N + 1 here (timm's layout); q, k, v become one `qkv` projection.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+
+# Where each family's weights sit inside the transformers classes (stripped before renaming).
+PREFIXES = {"resnet": ("resnet.",), "swin": ("swin.",), "maskformer-swin": ("model.",), "convnext": ("convnext.",)}
+# Weights of transformers models that are not part of the backbone (or are recomputed buffers).
+NOT_BACKBONE = re.compile(
+    r"(classifier|pooler|layernorm|decoder|embeddings\.mask_token)\..*|classifier|embeddings\.mask_token"
+    r"|.*\.relative_position_index|.*\.attn_mask"
+)
+
+Rule = tuple[str, str | Callable[[re.Match], str]]
+
+RESNET_RULES: list[Rule] = [
+    (r"embedder\.embedder\.convolution\.(.*)", r"conv1.\1"),
+    (r"embedder\.embedder\.normalization\.(.*)", r"bn1.\1"),
+    (r"encoder\.stages\.(\d+)\.layers\.(\d+)\.shortcut\.convolution\.(.*)", lambda m: f"layer{int(m[1]) + 1}.{m[2]}.downsample.0.{m[3]}"),
+    (r"encoder\.stages\.(\d+)\.layers\.(\d+)\.shortcut\.normalization\.(.*)", lambda m: f"layer{int(m[1]) + 1}.{m[2]}.downsample.1.{m[3]}"),
+    (r"encoder\.stages\.(\d+)\.layers\.(\d+)\.layer\.(\d)\.convolution\.(.*)", lambda m: f"layer{int(m[1]) + 1}.{m[2]}.conv{int(m[3]) + 1}.{m[4]}"),
+    (r"encoder\.stages\.(\d+)\.layers\.(\d+)\.layer\.(\d)\.normalization\.(.*)", lambda m: f"layer{int(m[1]) + 1}.{m[2]}.bn{int(m[3]) + 1}.{m[4]}"),
+]
+
+SWIN_BLOCK = r"encoder\.layers\.(\d+)\.blocks\.(\d+)\."
+SWIN_RULES: list[Rule] = [
+    (r"embeddings\.patch_embeddings\.projection\.(.*)", r"patch_embed.proj.\1"),
+    (r"embeddings\.norm\.(.*)", r"patch_embed.norm.\1"),
+    (SWIN_BLOCK + r"layernorm_before\.(.*)", r"layers.\1.blocks.\2.norm1.\3"),
+    (SWIN_BLOCK + r"layernorm_after\.(.*)", r"layers.\1.blocks.\2.norm2.\3"),
+    (SWIN_BLOCK + r"attention\.(?:self|relative_position_bias)\.relative_position_bias_table", r"layers.\1.blocks.\2.attn.relative_position_bias_table"),
+    (SWIN_BLOCK + r"attention\.(?:output\.dense|o_proj)\.(.*)", r"layers.\1.blocks.\2.attn.proj.\3"),
+    (SWIN_BLOCK + r"(?:intermediate\.dense|mlp\.fc1)\.(.*)", r"layers.\1.blocks.\2.mlp.fc1.\3"),
+    (SWIN_BLOCK + r"(?:output\.dense|mlp\.fc2)\.(.*)", r"layers.\1.blocks.\2.mlp.fc2.\3"),
+    (r"encoder\.layers\.(\d+)\.downsample\.(.*)", lambda m: f"layers.{int(m[1]) + 1}.downsample.{m[2]}"),
+    # MaskFormer's Swin keeps one norm per stage in a list (index 0 = stage1).
+    (r"hidden_states_norms\.(\d+)\.(.*)", lambda m: f"out_norms.stage{int(m[1]) + 1}.{m[2]}"),
+    (r"hidden_states_norms\.(.*)", r"out_norms.\1"),
+]
+# q, k, v projections: v4 `attention.self.query`, v5 `attention.q_proj`; packed into timm's `attn.qkv`.
+SWIN_QKV = re.compile(SWIN_BLOCK + r"attention\.(?:self\.(query|key|value)|([qkv])_proj)\.(weight|bias)")
+
+CONVNEXT_BLOCK = r"encoder\.stages\.(\d+)\.layers\.(\d+)\."
+CONVNEXT_RULES: list[Rule] = [
+    (r"embeddings\.patch_embeddings\.(.*)", r"stem.0.\1"),
+    (r"embeddings\.layernorm\.(.*)", r"stem.1.\1"),
+    (r"encoder\.stages\.(\d+)\.downsampling_layer\.(\d)\.(.*)", r"stages.\1.downsample.\2.\3"),
+    (CONVNEXT_BLOCK + r"dwconv\.(.*)", r"stages.\1.blocks.\2.conv_dw.\3"),
+    (CONVNEXT_BLOCK + r"layernorm\.(.*)", r"stages.\1.blocks.\2.norm.\3"),
+    (CONVNEXT_BLOCK + r"pwconv1\.(.*)", r"stages.\1.blocks.\2.mlp.fc1.\3"),
+    (CONVNEXT_BLOCK + r"pwconv2\.(.*)", r"stages.\1.blocks.\2.mlp.fc2.\3"),
+    (CONVNEXT_BLOCK + r"layer_scale_parameter", r"stages.\1.blocks.\2.gamma"),
+    (r"hidden_states_norms\.(.*)", r"out_norms.\1"),
+]
+
+RULES = {"resnet": RESNET_RULES, "swin": SWIN_RULES, "maskformer-swin": SWIN_RULES, "convnext": CONVNEXT_RULES}
+# Keys only one family has: used to tell a bare transformers state dict's family.
+SIGNATURES = {"resnet": "embedder.embedder.", "swin": "embeddings.patch_embeddings.projection.", "convnext": "encoder.stages."}
+
+
+def _require(config: Mapping[str, Any], key: str, supported: Any, default: Any) -> None:
+    value = config.get(key, default)
+    if value != supported:
+        raise ValueError(
+            f"config.json of this {config.get('model_type')} checkpoint sets {key}={value!r}; the native backbone "
+            f"supports only {key}={supported!r}. Use backbones.TimmBackbone or a checkpoint with {key}={supported!r}."
+        )
+
+
+def _selection(config: Mapping[str, Any]) -> dict[str, Any]:
+    return {"out_features": list(config["out_features"])} if config.get("out_features") else {}
+
+
+def native_backbone_from_hf_config(config: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+    """A transformers ResNet / Swin / ConvNeXt (or MaskFormer-Swin) config dict -> (`_target_`, constructor kwargs).
+
+    The kwargs rebuild the same architecture natively (with the config's `out_features`), e.g.
+    `("backbones.SwinBackbone", {"embed_dim": 96, "depths": [2, 2, 6, 2], ...})`. Settings the native
+    models do not implement (e.g. Swin absolute position embeddings) raise a ValueError naming the key.
+    """
+    model_type = config.get("model_type")
+    if model_type == "resnet":
+        _require(config, "downsample_in_first_stage", False, False)
+        _require(config, "downsample_in_bottleneck", False, False)
+        _require(config, "hidden_act", "relu", "relu")
+        layer_type = config.get("layer_type", "bottleneck")
+        if layer_type not in ("basic", "bottleneck"):
+            raise ValueError(f"config.json sets layer_type={layer_type!r}; expected 'basic' or 'bottleneck'")
+        return "backbones.ResNetBackbone", {
+            "block": layer_type,
+            "layers": list(config.get("depths", [3, 4, 6, 3])),
+            "stage_channels": list(config.get("hidden_sizes", [256, 512, 1024, 2048])),
+            "stem_channels": config.get("embedding_size", 64),
+            "in_channels": config.get("num_channels", 3),
+            **_selection(config),
+        }
+    if model_type in ("swin", "maskformer-swin"):
+        _require(config, "patch_size", 4, 4)
+        _require(config, "use_absolute_embeddings", False, False)
+        _require(config, "hidden_act", "gelu", "gelu")
+        _require(config, "layer_norm_eps", 1e-5, 1e-5)
+        return "backbones.SwinBackbone", {
+            "embed_dim": config.get("embed_dim", 96),
+            "depths": list(config.get("depths", [2, 2, 6, 2])),
+            "num_heads": list(config.get("num_heads", [3, 6, 12, 24])),
+            "window_size": config.get("window_size", 7),
+            "mlp_ratio": config.get("mlp_ratio", 4.0),
+            "qkv_bias": config.get("qkv_bias", True),
+            "drop_path_rate": config.get("drop_path_rate", 0.1),
+            "in_channels": config.get("num_channels", 3),
+            **_selection(config),
+        }
+    if model_type == "convnext":
+        _require(config, "patch_size", 4, 4)
+        _require(config, "hidden_act", "gelu", "gelu")
+        depths = list(config.get("depths", [3, 3, 9, 3]))
+        _require(config, "num_stages", len(depths), len(depths))
+        return "backbones.ConvNeXtBackbone", {
+            "depths": depths,
+            "dims": list(config.get("hidden_sizes", [96, 192, 384, 768])),
+            "layer_scale_init_value": config.get("layer_scale_init_value", 1e-6) or None,
+            "drop_path_rate": config.get("drop_path_rate", 0.0),
+            "in_channels": config.get("num_channels", 3),
+            **_selection(config),
+        }
+    raise ValueError(
+        f"config.json has model_type={model_type!r}; transformers backbones that load natively are "
+        "'resnet', 'swin', 'maskformer-swin' and 'convnext'. Any timm model loads through backbones.TimmBackbone."
+    )
+
+
+def hf_model_type_of(state_dict: Mapping[str, torch.Tensor]) -> str | None:
+    """The family ('resnet', 'swin', 'convnext') of a transformers state dict without config.json, else None."""
+    for model_type, signature in SIGNATURES.items():
+        if any(signature in key for key in state_dict):
+            return model_type
+    return None
+
+
+def split_hf_backbone_state_dict(
+    state_dict: Mapping[str, torch.Tensor], model_type: str, source: str = "checkpoint"
+) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Like `convert_hf_backbone_state_dict`, also returning the keys left out as non-backbone weights."""
+    if model_type not in RULES:
+        native_backbone_from_hf_config({"model_type": model_type})  # raises the unsupported-type error
+    rules, prefixes = RULES[model_type], PREFIXES[model_type]
+    converted: dict[str, torch.Tensor] = {}
+    qkv: dict[tuple[str, str, str], dict[str, torch.Tensor]] = {}
+    dropped = []
+    for key, value in state_dict.items():
+        name = next((key[len(p) :] for p in prefixes if key.startswith(p)), key)
+        if NOT_BACKBONE.fullmatch(name):
+            dropped.append(key)
+        elif match := SWIN_QKV.fullmatch(name):
+            qkv.setdefault((match[1], match[2], match[5]), {})[(match[3] or match[4])[0]] = value
+        else:
+            converted[_rename(name, rules, key, model_type, source)] = value
+    for (stage, block, kind), parts in qkv.items():
+        if sorted(parts) != ["k", "q", "v"]:
+            raise ValueError(f"{source}: Swin stage {stage} block {block} lacks one of the query/key/value {kind} weights")
+        converted[f"layers.{stage}.blocks.{block}.attn.qkv.{kind}"] = torch.cat([parts["q"], parts["k"], parts["v"]])
+    return converted, dropped
+
+
+def _rename(name: str, rules: list[Rule], key: str, model_type: str, source: str) -> str:
+    for pattern, replacement in rules:
+        if match := re.fullmatch(pattern, name):
+            return replacement(match) if callable(replacement) else match.expand(replacement)
+    raise ValueError(
+        f"{source}: {key!r} is not a weight of a transformers {model_type} model; is this checkpoint "
+        f"(config.json model_type {model_type!r}) really a {model_type} model?"
+    )
+
+
+def convert_hf_backbone_state_dict(state_dict: Mapping[str, torch.Tensor], config: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """transformers ResNet / Swin / ConvNeXt weights (bare, classification or *Backbone class, v4 or v5 names,
+    with or without the model prefix) -> native keys; classifier, pooler and final norm are dropped."""
+    return split_hf_backbone_state_dict(state_dict, config.get("model_type"))[0]
