@@ -99,7 +99,9 @@ def _stuff_layout(rng: np.random.Generator, height: int, width: int) -> tuple[np
     return stuff, image
 
 
-def make_scene(seed: int, image_id: int, min_size: int, max_size: int, max_things: int, crowd_prob: float) -> dict[str, Any]:
+def make_scene(
+    seed: int, image_id: int, min_size: int, max_size: int, min_things: int, max_things: int, crowd_prob: float
+) -> dict[str, Any]:
     """One scene: the RGB image, its panoptic id map and segments (with the instance annotation of each thing)."""
     rng = np.random.default_rng([seed, image_id])
     height, width = (int(v) for v in rng.integers(min_size, max_size + 1, size=2))
@@ -111,7 +113,7 @@ def make_scene(seed: int, image_id: int, min_size: int, max_size: int, max_thing
         polygons = [_shape_polygon("circle", cx + dx, cy + dy, 0.035 * side, 0)
                     for dx, dy in rng.uniform(-0.12, 0.12, size=(6, 2)) * side]
         objects.append((0, polygons, _rasterize(polygons, height, width), True))
-    for _ in range(int(rng.integers(1, max_things + 1))):
+    for _ in range(int(rng.integers(min_things, max_things + 1))):
         k = int(rng.integers(len(THINGS)))
         r = rng.uniform(0.09, 0.2) * side
         inside = rng.random() < 0.6
@@ -178,6 +180,7 @@ def generate_synthetic(
     max_things: int = 4,
     crowd_prob: float = 0.1,
     seed: int = 0,
+    min_things: int = 1,
 ) -> Path:
     """Write the dataset in COCO's layout: {train,val}2017/, annotations/{instances,panoptic}_{split}2017.json
     and annotations/panoptic_{split}2017/ PNGs."""
@@ -191,7 +194,7 @@ def generate_synthetic(
         png_dir.mkdir(exist_ok=True)
         images, instances, panoptic = [], [], []
         for image_id in range(next_image_id, next_image_id + count):
-            scene = make_scene(seed, image_id, min_size, max_size, max_things, crowd_prob)
+            scene = make_scene(seed, image_id, min_size, max_size, min_things, max_things, crowd_prob)
             h, w = scene["height"], scene["width"]
             name = f"{image_id:012d}"
             Image.fromarray(scene["image"]).save(img_dir / f"{name}.jpg", quality=92)
