@@ -162,7 +162,8 @@ class Mask2FormerHead(nn.Module):
         for i, x in enumerate(features):
             sizes.append((x.shape[2], x.shape[3]))
             memory_pos.append(self.position_embedding(x).flatten(2).transpose(1, 2))
-            memories.append((self.input_proj[i](x).flatten(2) + self.level_embed.weight[i][None, :, None]).transpose(1, 2))
+            memory = self.input_proj[i](x).flatten(2) + self.level_embed.weight[i][None, :, None]
+            memories.append(memory.transpose(1, 2))
 
         batch = mask_features.shape[0]
         queries = self.query_feat.weight[None].expand(batch, -1, -1)

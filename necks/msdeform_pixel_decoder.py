@@ -196,7 +196,8 @@ class MSDeformAttnPixelDecoder(nn.Module):
             for x, (h, w) in zip(src.split([h * w for h, w in spatial_shapes], dim=1), spatial_shapes)
         ]
         multi_scale_features = list(outputs)
-        for lateral, output_conv, x in zip(self.lateral_convs, self.output_convs, features[: len(self.lateral_convs)][::-1]):
+        fine = features[: len(self.lateral_convs)][::-1]  # the FPN levels, coarse to fine
+        for lateral, output_conv, x in zip(self.lateral_convs, self.output_convs, fine):
             y = lateral(x)
             y = y + F.interpolate(outputs[-1], size=y.shape[-2:], mode="bilinear", align_corners=False)
             outputs.append(output_conv(y))

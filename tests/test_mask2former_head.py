@@ -39,9 +39,8 @@ def test_attention_mask_is_repeated_per_head_batch_major():
 
 
 def tiny_head(**kwargs) -> Mask2FormerHead:
-    defaults = dict(
-        in_channels=32, mask_dim=16, num_classes=5, hidden_dim=32, num_queries=7, num_heads=4, dim_feedforward=64, num_layers=4
-    )
+    defaults = dict(in_channels=32, mask_dim=16, num_classes=5, hidden_dim=32, num_queries=7, num_heads=4)
+    defaults.update(dim_feedforward=64, num_layers=4)
     return Mask2FormerHead(**{**defaults, **kwargs})
 
 
@@ -107,7 +106,8 @@ def tiny_segmenter() -> Segmenter:
         out_features=["stage1", "stage2", "stage3", "stage4"],
     )
     neck = partial(
-        MSDeformAttnPixelDecoder, conv_dim=32, mask_dim=16, encoder_layers=2, num_heads=4, dim_feedforward=64, num_groups=8
+        MSDeformAttnPixelDecoder,
+        conv_dim=32, mask_dim=16, encoder_layers=2, num_heads=4, dim_feedforward=64, num_groups=8,
     )
     head = partial(Mask2FormerHead, hidden_dim=32, num_queries=6, num_heads=4, dim_feedforward=64, num_layers=3)
     return Segmenter(backbone, neck, head, num_classes=4)
