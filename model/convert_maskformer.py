@@ -114,22 +114,24 @@ def _neck_rules(num_levels: int) -> list[tuple[str, str | Callable[[re.Match], s
     ]
 
 
+TRANSFORMER = re.escape(HEAD_PREFIX)
+LAYER = TRANSFORMER + r"decoder\.layers\.(\d+)\."
 HEAD_RULES: list[tuple[str, str]] = [
-    (r"model\.transformer_module\.queries_embedder\.weight", "query_embed.weight"),
-    (r"model\.transformer_module\.input_projection\.(.*)", r"input_proj.\1"),
-    (r"model\.transformer_module\.decoder\.layers\.(\d+)\.self_attn\.(?:o|out)_proj\.(.*)", r"decoder.layers.\1.self_attn.out_proj.\2"),
-    (r"model\.transformer_module\.decoder\.layers\.(\d+)\.encoder_attn\.(?:o|out)_proj\.(.*)", r"decoder.layers.\1.cross_attn.out_proj.\2"),
-    (r"model\.transformer_module\.decoder\.layers\.(\d+)\.self_attn_layer_norm\.(.*)", r"decoder.layers.\1.norm1.\2"),
-    (r"model\.transformer_module\.decoder\.layers\.(\d+)\.encoder_attn_layer_norm\.(.*)", r"decoder.layers.\1.norm2.\2"),
-    (r"model\.transformer_module\.decoder\.layers\.(\d+)\.final_layer_norm\.(.*)", r"decoder.layers.\1.norm3.\2"),
-    (r"model\.transformer_module\.decoder\.layers\.(\d+)\.(?:mlp\.)?fc1\.(.*)", r"decoder.layers.\1.linear1.\2"),
-    (r"model\.transformer_module\.decoder\.layers\.(\d+)\.(?:mlp\.)?fc2\.(.*)", r"decoder.layers.\1.linear2.\2"),
-    (r"model\.transformer_module\.decoder\.layernorm\.(.*)", r"decoder.norm.\1"),
+    (TRANSFORMER + r"queries_embedder\.weight", "query_embed.weight"),
+    (TRANSFORMER + r"input_projection\.(.*)", r"input_proj.\1"),
+    (LAYER + r"self_attn\.(?:o|out)_proj\.(.*)", r"decoder.layers.\1.self_attn.out_proj.\2"),
+    (LAYER + r"encoder_attn\.(?:o|out)_proj\.(.*)", r"decoder.layers.\1.cross_attn.out_proj.\2"),
+    (LAYER + r"self_attn_layer_norm\.(.*)", r"decoder.layers.\1.norm1.\2"),
+    (LAYER + r"encoder_attn_layer_norm\.(.*)", r"decoder.layers.\1.norm2.\2"),
+    (LAYER + r"final_layer_norm\.(.*)", r"decoder.layers.\1.norm3.\2"),
+    (LAYER + r"(?:mlp\.)?fc1\.(.*)", r"decoder.layers.\1.linear1.\2"),
+    (LAYER + r"(?:mlp\.)?fc2\.(.*)", r"decoder.layers.\1.linear2.\2"),
+    (TRANSFORMER + r"decoder\.layernorm\.(.*)", r"decoder.norm.\1"),
     (r"class_predictor\.(.*)", r"class_embed.\1"),
     (r"mask_embedder\.(\d+)\.0\.(.*)", r"mask_embed.layers.\1.\2"),
 ]
 # Separate q/k/v projections become nn.MultiheadAttention's packed in_proj (order q, k, v).
-QKV = re.compile(r"model\.transformer_module\.decoder\.layers\.(\d+)\.(self_attn|encoder_attn)\.([qkv])_proj\.(weight|bias)")
+QKV = re.compile(LAYER + r"(self_attn|encoder_attn)\.([qkv])_proj\.(weight|bias)")
 ATTENTION_NAMES = {"self_attn": "self_attn", "encoder_attn": "cross_attn"}
 
 
@@ -143,13 +145,16 @@ def _rename(key: str, rules: list, source: str) -> str:
     )
 
 
-def convert_maskformer_neck_head(state_dict: Mapping[str, torch.Tensor], source: str = "checkpoint") -> dict[str, torch.Tensor]:
+def convert_maskformer_neck_head(
+    state_dict: Mapping[str, torch.Tensor], source: str = "checkpoint"
+) -> dict[str, torch.Tensor]:
     """The pixel-decoder and transformer-module weights of a transformers MaskFormer -> `neck.` / `head.` keys.
 
     Backbone weights (`model.pixel_level_module.encoder.*`) are skipped; `convert_maskformer_state_dict`
     converts them.
     """
-    num_levels = 1 + len({m[1] for k in state_dict if (m := re.match(re.escape(NECK_PREFIX) + r"fpn\.layers\.(\d+)\.", k))})
+    fpn_layer = re.compile(re.escape(NECK_PREFIX) + r"fpn\.layers\.(\d+)\.")
+    num_levels = 1 + len({m[1] for key in state_dict if (m := fpn_layer.match(key))})
     neck_rules = _neck_rules(num_levels)
     out, qkv = {}, {}
     for key, value in state_dict.items():
@@ -178,7 +183,9 @@ def convert_maskformer_state_dict(
     return {**{"backbone." + k: v for k, v in backbone.items()}, **convert_maskformer_neck_head(state_dict, source)}
 
 
-def convert_maskformer(name_or_path: str, revision: str | None = None) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+def convert_maskformer(
+    name_or_path: str, revision: str | None = None
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """A transformers MaskFormer checkpoint (local folder or Hub id with config.json + safetensors) ->
     (config dict for `Segmenter.from_config`, state dict loading into it with strict=True)."""
     config, state_dict = read_hf_checkpoint(name_or_path, revision=revision)

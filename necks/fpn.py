@@ -42,7 +42,8 @@ class FPN(nn.Module):
     def forward(self, features: list[torch.Tensor]) -> NeckOutput:
         if len(features) != len(self.in_strides):
             raise ValueError(
-                f"FPN was built for {len(self.in_strides)} backbone maps (strides {self.in_strides}), got {len(features)}"
+                f"FPN was built for {len(self.in_strides)} backbone maps (strides {self.in_strides}), "
+                f"got {len(features)}"
             )
         levels = list(self.fpn(OrderedDict((str(i), f) for i, f in enumerate(features))).values())
         return NeckOutput(mask_features=self.mask_features(levels[0]), multi_scale_features=levels[:0:-1])

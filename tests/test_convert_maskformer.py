@@ -28,7 +28,9 @@ BACKBONES = {
 
 def save_tiny_maskformer(folder, backbone: str) -> MaskFormerForInstanceSegmentation:
     torch.manual_seed(0)
-    decoder = MaskFormerDetrConfig(d_model=32, decoder_layers=3, decoder_attention_heads=4, decoder_ffn_dim=64, num_queries=7)
+    decoder = MaskFormerDetrConfig(
+        d_model=32, decoder_layers=3, decoder_attention_heads=4, decoder_ffn_dim=64, num_queries=7
+    )
     config = MaskFormerConfig(
         backbone_config=BACKBONES[backbone](), decoder_config=decoder, fpn_feature_size=32, mask_feature_size=24,
         id2label={0: "cat", 1: "dog", 2: "sky"},
@@ -48,7 +50,7 @@ def save_tiny_maskformer(folder, backbone: str) -> MaskFormerForInstanceSegmenta
     return model
 
 
-def official_aux_predictions(model: MaskFormerForInstanceSegmentation, outputs) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def official_aux_predictions(model: MaskFormerForInstanceSegmentation, outputs) -> list[tuple[torch.Tensor, ...]]:
     """Deep-supervision predictions as the official MaskFormer defines them, from transformers' own modules.
 
     transformers' `auxiliary_logits` differ from the official ones (they include the all-zero decoder input

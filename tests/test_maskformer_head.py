@@ -59,7 +59,8 @@ def test_neck_and_head_equal_transformers_on_the_same_backbone_maps():
         aux = []
         for states in hidden[1:-1]:
             states = reference.model.transformer_module.decoder.layernorm(states)
-            masks = torch.einsum("bqc,bchw->bqhw", reference.mask_embedder(states), want.pixel_decoder_last_hidden_state)
+            embeddings = reference.mask_embedder(states)
+            masks = torch.einsum("bqc,bchw->bqhw", embeddings, want.pixel_decoder_last_hidden_state)
             aux.append((reference.class_predictor(states), masks))
     assert got["pred_logits"].shape == (2, 7, 6) and got["pred_masks"].shape == (2, 7, 24, 32)
     assert (got["pred_logits"] - want.class_queries_logits).abs().max() <= 1e-4
@@ -93,7 +94,8 @@ def test_output_contract_and_input_projection():
     out = head.eval()(NeckOutput(torch.randn(2, 16, 12, 20), [torch.randn(2, 48, 3, 5)]))
     assert out["pred_logits"].shape == (2, 4, 4)
     assert out["pred_masks"].shape == (2, 4, 12, 20)
-    assert [(a["pred_logits"].shape, a["pred_masks"].shape) for a in out["aux_outputs"]] == [((2, 4, 4), (2, 4, 12, 20))]
+    aux_shapes = [(a["pred_logits"].shape, a["pred_masks"].shape) for a in out["aux_outputs"]]
+    assert aux_shapes == [((2, 4, 4), (2, 4, 12, 20))]
 
 
 NECKS = {
