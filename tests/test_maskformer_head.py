@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import MaskFormerConfig, MaskFormerDetrConfig, MaskFormerForInstanceSegmentation, ResNetConfig
 
-from backbones import AutoBackbone
+from backbones.resnet import ResNetBackbone
 from heads.maskformer import MaskFormerHead
 from model.convert_maskformer import convert_maskformer_neck_head
 from model.segmenter import Segmenter
@@ -115,7 +115,10 @@ UNUSED = {"fpn": {f"neck.fpn.layer_blocks.{i}.0.{t}" for i in (1, 2) for t in ("
 @pytest.mark.parametrize("neck", list(NECKS))
 def test_gradients_reach_every_trainable_parameter(neck):
     torch.manual_seed(0)
-    backbone = AutoBackbone.from_config("resnet18", out_features=["stage1", "stage2", "stage3", "stage4"], norm="bn")
+    backbone = ResNetBackbone(
+        "basic", [1, 1, 1, 1], stage_channels=[32, 32, 64, 64], stem_channels=16, norm="bn",
+        out_features=["stage1", "stage2", "stage3", "stage4"],
+    )
     head = partial(MaskFormerHead, hidden_dim=32, num_queries=4, num_heads=4, dim_feedforward=32, num_layers=2)
     model = Segmenter(backbone, NECKS[neck], head, num_classes=3).train()
     for p in model.parameters():  # random biases and norm scales: no zero initialisation may hide a broken path
