@@ -202,3 +202,17 @@ def test_config_mistakes_name_the_key(tmp_path):
         DataModule(task="instance", train={"image_dir": "x"}).metadata
     with pytest.raises(DataError, match=r"data\.task='depth' is not one of"):
         DataModule(task="depth", train={"img_dir": "x"}).metadata
+
+
+def test_label_folder_image_without_label_is_left_out_and_counted(tmp_path):
+    from data import SemanticFolderDataset
+
+    (tmp_path / "img").mkdir(), (tmp_path / "ann").mkdir()
+    write_images(tmp_path / "img", ["a.jpg", "b.jpg"])
+    Image.fromarray(np.zeros((16, 20), np.uint8)).save(tmp_path / "ann" / "b.png")
+    dataset = SemanticFolderDataset(tmp_path / "img", tmp_path / "ann", ["x"])
+    assert len(dataset) == 1 and dataset.load_raw(0)["file_name"] == "b.jpg"
+    assert dict(dataset.index_issues.counts) == {"image without label file": 1}
+    (tmp_path / "ann" / "b.png").unlink()
+    with pytest.raises(DataError, match=r"img: no image has a label PNG of the same name in .*ann"):
+        SemanticFolderDataset(tmp_path / "img", tmp_path / "ann", ["x"])
