@@ -118,6 +118,12 @@ class MSDeformAttn(nn.Module):
         nn.init.xavier_uniform_(self.output_proj.weight)
         nn.init.zeros_(self.output_proj.bias)
 
+    def extra_repr(self) -> str:
+        return (
+            f"embed_dim={self.embed_dim}, num_levels={self.num_levels}, num_heads={self.num_heads}, "
+            f"num_points={self.num_points}, implementation={self.implementation!r}"
+        )
+
     def forward(
         self,
         query: torch.Tensor,
