@@ -1,0 +1,198 @@
+"""Set criterion: the training losses of MaskFormer / Mask2Former (defaults: Mask2Former).
+
+For the final prediction and for every auxiliary one (`aux_outputs`, first decoder layer first), queries
+are matched to targets with the Hungarian matcher, then
+- `loss_ce`: cross-entropy over K + 1 classes, unmatched queries labelled "no object" (class K), whose
+  weight is `eos_coef`; weighted mean over all queries of the batch;
+- `loss_mask` / `loss_dice` on matched pairs, summed and divided by the number of target masks (averaged
+  over distributed ranks, at least 1):
+  "point" (Mask2Former): binary cross-entropy and dice on `num_points` points per mask, chosen by
+  uncertainty (PointRend, oversample_ratio, importance_sample_ratio);
+  "full" (MaskFormer): sigmoid focal loss and dice on predictions upsampled to the target size.
+Each loss comes back already multiplied by its weight, so the training loss is `sum(losses.values())`;
+`weight_dict` gives the weights. Keys of auxiliary layer i carry the suffix `_i` (`loss_ce_0`, ...).
+MaskFormer's official setting: `mask_loss="full", class_weight=1.0, mask_weight=20.0, dice_weight=1.0`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torchvision.ops import sigmoid_focal_loss as torchvision_sigmoid_focal_loss
+
+from heads.matcher import COST_TYPES, HungarianMatcher
+from heads.point_sampling import point_sample, sample_uncertain_points
+
+
+def sigmoid_ce_loss(logits: torch.Tensor, targets: torch.Tensor, num_masks: torch.Tensor) -> torch.Tensor:
+    """Binary cross-entropy averaged over points, summed over masks, divided by num_masks.
+
+    logits, targets: (M, P), targets in [0, 1].
+    """
+    loss = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+    return loss.mean(1).sum() / num_masks
+
+
+def sigmoid_focal_loss(
+    logits: torch.Tensor, targets: torch.Tensor, num_masks: torch.Tensor, alpha: float = 0.25, gamma: float = 2.0
+) -> torch.Tensor:
+    """Sigmoid focal loss (torchvision) averaged over pixels, summed over masks, divided by num_masks.
+
+    logits, targets: (M, P).
+    """
+    loss = torchvision_sigmoid_focal_loss(logits, targets, alpha=alpha, gamma=gamma, reduction="none")
+    return loss.mean(1).sum() / num_masks
+
+
+def dice_loss(logits: torch.Tensor, targets: torch.Tensor, num_masks: torch.Tensor) -> torch.Tensor:
+    """Dice loss 1 - (2 |p t| + 1) / (|p| + |t| + 1) summed over masks, divided by num_masks.
+
+    logits, targets: (M, P).
+    """
+    prob = logits.sigmoid()
+    numerator = 2 * (prob * targets).sum(-1)
+    denominator = prob.sum(-1) + targets.sum(-1)
+    return (1 - (numerator + 1) / (denominator + 1)).sum() / num_masks
+
+
+def average_num_masks(num_masks: int, device: torch.device) -> torch.Tensor:
+    """The number of target masks averaged over distributed ranks (all_reduce when initialised), at least 1.
+
+    Returns a 0-d float tensor on `device`; no host synchronisation.
+    """
+    count = torch.as_tensor(float(num_masks), device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(count)
+        count = count / dist.get_world_size()
+    return count.clamp(min=1.0)
+
+
+class SetCriterion(nn.Module):
+    """MaskFormer / Mask2Former losses for a head's raw outputs and a batch's targets."""
+
+    def __init__(
+        self,
+        num_classes: int,
+        matcher: HungarianMatcher | None = None,
+        mask_loss: str = "point",
+        class_weight: float = 2.0,
+        mask_weight: float = 5.0,
+        dice_weight: float = 5.0,
+        eos_coef: float = 0.1,
+        num_points: int = 12544,
+        oversample_ratio: float = 3.0,
+        importance_sample_ratio: float = 0.75,
+        focal_alpha: float = 0.25,
+        focal_gamma: float = 2.0,
+    ) -> None:
+        """`matcher` defaults to a HungarianMatcher whose costs are the loss weights, of the same kind
+        (`cost_type=mask_loss`) and point count, as in both official implementations."""
+        super().__init__()
+        if mask_loss not in COST_TYPES:
+            raise ValueError(f"criterion mask_loss must be one of {COST_TYPES}, got {mask_loss!r}.")
+        if oversample_ratio < 1:
+            raise ValueError(f"criterion oversample_ratio must be >= 1, got {oversample_ratio}.")
+        if not 0 <= importance_sample_ratio <= 1:
+            raise ValueError(f"criterion importance_sample_ratio must be in [0, 1], got {importance_sample_ratio}.")
+        self.num_classes = num_classes
+        self.matcher = matcher or HungarianMatcher(
+            cost_class=class_weight,
+            cost_mask=mask_weight,
+            cost_dice=dice_weight,
+            cost_type=mask_loss,
+            num_points=num_points,
+            focal_alpha=focal_alpha,
+            focal_gamma=focal_gamma,
+        )
+        self.mask_loss = mask_loss
+        self.weight_dict = {"loss_ce": class_weight, "loss_mask": mask_weight, "loss_dice": dice_weight}
+        self.eos_coef = eos_coef
+        self.num_points = num_points
+        self.oversample_ratio = oversample_ratio
+        self.importance_sample_ratio = importance_sample_ratio
+        self.focal_alpha = focal_alpha
+        self.focal_gamma = focal_gamma
+        class_weights = torch.ones(num_classes + 1)
+        class_weights[-1] = eos_coef
+        self.register_buffer("class_weights", class_weights, persistent=False)
+
+    def forward(
+        self, outputs: Mapping[str, Any], targets: Sequence[Mapping[str, torch.Tensor]]
+    ) -> dict[str, torch.Tensor]:
+        """Weighted losses of the final and every auxiliary prediction.
+
+        outputs: `pred_logits` (B, Q, K+1), `pred_masks` (B, Q, h, w), optional `aux_outputs` (list of dicts
+        with the same two keys). targets: one dict per image with `labels` (N_b,) int64 in [0, K) and `masks`
+        (N_b, H, W) bool, padded to the batch's input size. Returns 0-d tensors keyed `loss_ce`, `loss_mask`,
+        `loss_dice`, then `loss_ce_0`, ... for auxiliary layer 0 and so on.
+        """
+        device = outputs["pred_logits"].device
+        labels = torch.cat([t["labels"] for t in targets]).to(device)  # (T,) all targets of the batch
+        masks = torch.cat([t["masks"] for t in targets]).to(device)  # (T, H, W)
+        offsets = torch.tensor([0] + [len(t["labels"]) for t in targets]).cumsum(0)[:-1]  # first target per image
+        num_masks = average_num_masks(labels.shape[0], device)
+
+        losses = self._layer_losses(outputs, targets, labels, masks, offsets, num_masks)
+        for i, aux_outputs in enumerate(outputs.get("aux_outputs", [])):
+            aux_losses = self._layer_losses(aux_outputs, targets, labels, masks, offsets, num_masks)
+            losses.update({f"{key}_{i}": value for key, value in aux_losses.items()})
+        return losses
+
+    def _layer_losses(
+        self,
+        outputs: Mapping[str, torch.Tensor],
+        targets: Sequence[Mapping[str, torch.Tensor]],
+        labels: torch.Tensor,
+        masks: torch.Tensor,
+        offsets: torch.Tensor,
+        num_masks: torch.Tensor,
+    ) -> dict[str, torch.Tensor]:
+        """Match one decoder layer's prediction and return its weighted losses."""
+        matches = self.matcher(outputs, targets)
+        device = outputs["pred_logits"].device
+        image = torch.cat([torch.full_like(queries, b) for b, (queries, _) in enumerate(matches)]).to(device)
+        query = torch.cat([queries for queries, _ in matches]).to(device)
+        target = torch.cat([offsets[b] + found for b, (_, found) in enumerate(matches)]).to(device)  # into T
+
+        losses = {"loss_ce": self._class_loss(outputs["pred_logits"].float(), labels, image, query, target)}
+        matched_logits = outputs["pred_masks"][image, query].float()  # (M, h, w)
+        matched_targets = masks[target]  # (M, H, W)
+        losses.update(self._mask_losses(matched_logits, matched_targets, num_masks))
+        return {key: value * self.weight_dict[key] for key, value in losses.items()}
+
+    def _class_loss(
+        self, logits: torch.Tensor, labels: torch.Tensor, image: torch.Tensor, query: torch.Tensor, target: torch.Tensor
+    ) -> torch.Tensor:
+        """Cross-entropy of (B, Q, K+1) logits, unmatched queries labelled no-object (K), weighted mean."""
+        target_classes = torch.full(logits.shape[:2], self.num_classes, dtype=torch.long, device=logits.device)
+        target_classes[image, query] = labels[target]
+        return F.cross_entropy(logits.transpose(1, 2), target_classes, weight=self.class_weights)
+
+    def _mask_losses(
+        self, logits: torch.Tensor, targets: torch.Tensor, num_masks: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """Mask and dice losses of matched (M, h, w) logits against (M, H, W) binary targets."""
+        logits = logits[:, None]
+        targets = targets[:, None].to(logits.dtype)
+        if self.mask_loss == "point":
+            with torch.no_grad():
+                points = sample_uncertain_points(
+                    logits, self.num_points, self.oversample_ratio, self.importance_sample_ratio
+                )
+                target_values = point_sample(targets, points)[:, 0]  # (M, P)
+            logit_values = point_sample(logits, points)[:, 0]  # (M, P)
+            return {
+                "loss_mask": sigmoid_ce_loss(logit_values, target_values, num_masks),
+                "loss_dice": dice_loss(logit_values, target_values, num_masks),
+            }
+        upsampled = F.interpolate(logits, size=targets.shape[-2:], mode="bilinear", align_corners=False)
+        logit_values, target_values = upsampled.flatten(1), targets.flatten(1)  # (M, H*W)
+        return {
+            "loss_mask": sigmoid_focal_loss(logit_values, target_values, num_masks, self.focal_alpha, self.focal_gamma),
+            "loss_dice": dice_loss(logit_values, target_values, num_masks),
+        }
