@@ -48,9 +48,7 @@ class AutoBackbone:
         """
         backbone = AutoBackbone._build(name, out_indices, out_features, kwargs)
         if pretrained is not None:
-            from .pretrained import load_pretrained
-
-            load_pretrained(backbone, str(pretrained), revision=revision)
+            backbone.load_pretrained(pretrained, revision=revision)
         return backbone
 
     @staticmethod

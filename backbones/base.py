@@ -69,6 +69,13 @@ class Backbone(nn.Module):
 
         return save_backbone(self, folder)
 
+    def load_pretrained(self, name_or_path: str, revision: str | None = None):
+        """Load weights of this architecture from a Hub repo id, a folder or a weights file (any layout
+        `AutoBackbone.from_pretrained` reads); returns the `LoadReport` (also kept as `load_report`)."""
+        from .pretrained import load_pretrained
+
+        return load_pretrained(self, str(name_or_path), revision=revision)
+
     # ---- selection ------------------------------------------------------------------------------
     @property
     def out_features(self) -> list[str]:

@@ -74,7 +74,14 @@ def _hub_file(repo_id: str, filename: str, revision: str | None) -> Path | None:
     """Download (or find in the cache) one file of a Hub repo; None when the repo has no such file."""
     try:
         return Path(hf_hub_download(repo_id, filename, revision=revision))
-    except (EntryNotFoundError, LocalEntryNotFoundError):  # not in the repo, or (offline) not in the cache
+    except LocalEntryNotFoundError as error:  # not in the cache, and the Hub is off (offline / unreachable)
+        if (Path(constants.HF_HUB_CACHE) / f"models--{repo_id.replace('/', '--')}").is_dir():
+            return None  # the repo is cached, without this file
+        raise ValueError(
+            f"checkpoint {repo_id!r} is not a local file or folder, and Hub repo {repo_id!r} is not in the cache "
+            f"({constants.HF_HUB_CACHE}) while the Hub cannot be reached ({type(error).__name__}).{_offline_hint()}"
+        ) from error
+    except EntryNotFoundError:  # the repo has no such file
         return None
     except (RepositoryNotFoundError, GatedRepoError) as error:
         raise ValueError(

@@ -24,8 +24,8 @@ def test_the_required_choices_exist():
 @pytest.mark.parametrize("choice", BACKBONE_CONFIGS)
 def test_backbone_config_builds_the_four_pyramid_levels(choice):
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=[f"backbone={choice}"])
-    backbone = instantiate(cfg.backbone)
+        cfg = compose(config_name="train", overrides=[f"backbone={choice}", "backbone.pretrained=null"])
+    backbone = instantiate(cfg.backbone)  # random weights: pretrained loading is tested in test_pretrained.py
     assert isinstance(backbone, Backbone)
     assert backbone.strides == [4, 8, 16, 32]
     backbone.eval()
