@@ -101,7 +101,9 @@ class HungarianMatcher(nn.Module):
         self.focal_gamma = focal_gamma
 
     @torch.no_grad()
-    def cost_matrix(self, outputs: Mapping[str, torch.Tensor], targets: Sequence[Mapping[str, torch.Tensor]]) -> torch.Tensor:
+    def cost_matrix(
+        self, outputs: Mapping[str, torch.Tensor], targets: Sequence[Mapping[str, torch.Tensor]]
+    ) -> torch.Tensor:
         """Matching cost of every query against every target of its image.
 
         outputs: `pred_logits` (B, Q, K+1), `pred_masks` (B, Q, h, w). targets: one dict per image with

@@ -162,7 +162,8 @@ def test_full_matcher_equals_transformers_maskformer_matcher():
     generator = torch.Generator().manual_seed(5)
     class_logits = torch.randn(2, 8, 6, generator=generator)
     mask_logits = torch.randn(2, 8, 16, 16, generator=generator) * 3
-    got = HungarianMatcher(1.0, 20.0, 1.0, cost_type="full")({"pred_logits": class_logits, "pred_masks": mask_logits}, targets)
+    matcher = HungarianMatcher(1.0, 20.0, 1.0, cost_type="full")
+    got = matcher({"pred_logits": class_logits, "pred_masks": mask_logits}, targets)
     want = MaskFormerHungarianMatcher(1.0, 20.0, 1.0)(
         mask_logits, class_logits, [t["masks"].float() for t in targets], [t["labels"] for t in targets]
     )
