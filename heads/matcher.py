@@ -108,8 +108,14 @@ class HungarianMatcher(nn.Module):
 
         outputs: `pred_logits` (B, Q, K+1), `pred_masks` (B, Q, h, w). targets: one dict per image with
         `labels` (N_b,) and `masks` (N_b, H, W), the same H, W for all images. Returns (B, Q, max N_b) on
-        the predictions' device, float32; columns past N_b of an image are padding.
+        the predictions' device, float32 (autocast off, as the original); columns past N_b are padding.
         """
+        with torch.autocast(outputs["pred_logits"].device.type, enabled=False):
+            return self._cost_matrix(outputs, targets)
+
+    def _cost_matrix(
+        self, outputs: Mapping[str, torch.Tensor], targets: Sequence[Mapping[str, torch.Tensor]]
+    ) -> torch.Tensor:
         pred_logits = outputs["pred_logits"].float().clamp(-LOGIT_LIMIT, LOGIT_LIMIT)
         pred_masks = outputs["pred_masks"].float().clamp(-LOGIT_LIMIT, LOGIT_LIMIT)
         batch_size, num_queries = pred_logits.shape[:2]

@@ -179,33 +179,44 @@ class PostProcessor(nn.Module):
                 f"PostProcessor: pred_logits have {class_logits.shape[-1]} classes, expected num_classes + 1 = "
                 f"{self.num_classes + 1}."
             )
-        padded_size = (mask_logits.shape[-2] * MASK_STRIDE, mask_logits.shape[-1] * MASK_STRIDE)
         if not len(image_sizes) == len(orig_sizes) == class_logits.shape[0]:
             raise ValueError(
                 f"PostProcessor: {class_logits.shape[0]} predictions but {len(image_sizes)} image_sizes and "
                 f"{len(orig_sizes)} orig_sizes."
             )
-        keep_classes = self.is_thing if self.instance_things_only else None
-        results = []
-        for image_class_logits, image_mask_logits, (height, width), orig_size in zip(
-            class_logits.float(), mask_logits, image_sizes, orig_sizes
-        ):
-            if height > padded_size[0] or width > padded_size[1]:
-                raise ValueError(
-                    f"PostProcessor: image size {(height, width)} is larger than the padded input {padded_size}."
+        with torch.autocast(class_logits.device.type, enabled=False):  # float32 results, as documented
+            return [
+                self._process_image(image_class_logits.float(), image_mask_logits.float(), image_size, orig_size)
+                for image_class_logits, image_mask_logits, image_size, orig_size in zip(
+                    class_logits, mask_logits, image_sizes, orig_sizes
                 )
-            masks = image_mask_logits[None].float()
-            masks = F.interpolate(masks, size=padded_size, mode="bilinear", align_corners=False)
-            masks = masks[:, :, :height, :width]
-            masks = F.interpolate(masks, size=tuple(orig_size), mode="bilinear", align_corners=False)[0]
-            result: dict[str, Any] = {}
-            if self.semantic_on:
-                result["sem_seg"] = semantic_inference(image_class_logits, masks)
-            if self.panoptic_on:
-                result["panoptic_seg"], result["segments_info"] = panoptic_inference(
-                    image_class_logits, masks, self.is_thing, self.object_mask_threshold, self.overlap_threshold
-                )
-            if self.instance_on:
-                result["instances"] = instance_inference(image_class_logits, masks, self.test_topk, keep_classes)
-            results.append(result)
-        return results
+            ]
+
+    def _process_image(
+        self,
+        class_logits: torch.Tensor,
+        mask_logits: torch.Tensor,
+        image_size: tuple[int, int],
+        orig_size: tuple[int, int],
+    ) -> dict[str, Any]:
+        """One image: class logits (Q, K+1), mask logits (Q, Hp/4, Wp/4) -> its predictions dict."""
+        padded_size = (mask_logits.shape[-2] * MASK_STRIDE, mask_logits.shape[-1] * MASK_STRIDE)
+        height, width = int(image_size[0]), int(image_size[1])
+        if height > padded_size[0] or width > padded_size[1]:
+            raise ValueError(
+                f"PostProcessor: image size {(height, width)} is larger than the padded input {padded_size}."
+            )
+        masks = F.interpolate(mask_logits[None], size=padded_size, mode="bilinear", align_corners=False)
+        masks = masks[:, :, :height, :width]
+        masks = F.interpolate(masks, size=(int(orig_size[0]), int(orig_size[1])), mode="bilinear", align_corners=False)[0]  # (Q, H, W)
+        result: dict[str, Any] = {}
+        if self.semantic_on:
+            result["sem_seg"] = semantic_inference(class_logits, masks)
+        if self.panoptic_on:
+            result["panoptic_seg"], result["segments_info"] = panoptic_inference(
+                class_logits, masks, self.is_thing, self.object_mask_threshold, self.overlap_threshold
+            )
+        if self.instance_on:
+            keep_classes = self.is_thing if self.instance_things_only else None
+            result["instances"] = instance_inference(class_logits, masks, self.test_topk, keep_classes)
+        return result

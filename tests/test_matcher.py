@@ -171,6 +171,26 @@ def test_full_matcher_equals_transformers_maskformer_matcher():
         assert torch.equal(q, q_ref) and torch.equal(t, t_ref)
 
 
+@pytest.mark.parametrize("cost_type", ["point", "full"])
+def test_cost_is_float32_under_autocast(cost_type):
+    # Under mixed precision the pair-wise sums would run in bfloat16 / float16; the matcher turns autocast
+    # off, as the original, and gives the float32 cost.
+    targets = _blob_targets([3, 2], seed=6)
+    generator = torch.Generator().manual_seed(7)
+    outputs = {
+        "pred_logits": torch.randn(2, 5, 6, generator=generator),
+        "pred_masks": torch.randn(2, 5, 16, 16, generator=generator).bfloat16(),
+    }
+    matcher = HungarianMatcher(num_points=500, cost_type=cost_type)
+    torch.manual_seed(0)
+    plain = matcher.cost_matrix(outputs, targets)
+    torch.manual_seed(0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = matcher.cost_matrix(outputs, targets)
+    assert mixed.dtype == torch.float32
+    torch.testing.assert_close(mixed, plain, rtol=0, atol=0)
+
+
 def test_batch_without_any_target():
     empty = {"labels": torch.zeros(0, dtype=torch.long), "masks": torch.zeros(0, 32, 32, dtype=torch.bool)}
     outputs = {"pred_logits": torch.randn(2, 4, 3), "pred_masks": torch.randn(2, 4, 8, 8)}

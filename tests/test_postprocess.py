@@ -210,6 +210,16 @@ def test_post_processor_crops_padding_and_resizes_to_the_original_size():
     assert (panoptic[:, :32] == 1).all() and (panoptic[:, 32:] == 2).all()
 
 
+def test_post_processor_gives_float32_under_autocast():
+    outputs = _batch_outputs()
+    processor = PostProcessor(num_classes=2)
+    plain = processor(outputs, [(32, 32)] * 2, [(40, 40)] * 2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = processor(outputs, [(32, 32)] * 2, [(40, 40)] * 2)
+    assert mixed[0]["sem_seg"].dtype == torch.float32
+    torch.testing.assert_close(mixed[0]["sem_seg"], plain[0]["sem_seg"], rtol=0, atol=0)
+
+
 def test_post_processor_tasks_and_errors():
     outputs = _batch_outputs()
     semantic_only = PostProcessor(num_classes=2)(outputs, [(32, 32)] * 2, [(32, 32)] * 2)
