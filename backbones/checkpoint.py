@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
 import pickle
 import re
@@ -41,11 +40,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-logger = logging.getLogger(__name__)
-
 CONFIG_NAME = "config.json"
 # Weight files of a folder or Hub repo, in order of preference (safetensors first).
-WEIGHT_NAMES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+WEIGHT_NAMES = (
+    "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json"
+)
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt", ".ckpt")
 HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 # Containers that training scripts wrap state dicts in (Microsoft Swin: "model", others "state_dict").
@@ -140,8 +139,8 @@ def resolve_checkpoint(name_or_path: str | os.PathLike, revision: str | None = N
     path = Path(source).expanduser()
     if path.is_file():
         if not path.name.endswith(WEIGHT_SUFFIXES):
-            raise ValueError(f"{path} is not a weights file: expected one of {WEIGHT_SUFFIXES} (or a folder / Hub repo id)")
-        return Checkpoint(source, None, _shards(path, lambda shard: path.parent / shard))
+            raise ValueError(f"{path} is not a weights file: expected one of {WEIGHT_SUFFIXES}, a folder or a Hub repo id")
+        return Checkpoint(source, None, [path])
     if path.is_dir():
         config = _read_json(path / CONFIG_NAME) if (path / CONFIG_NAME).is_file() else None
         weights = _weights_in(path)

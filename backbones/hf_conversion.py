@@ -34,13 +34,22 @@ NOT_BACKBONE = re.compile(
 
 Rule = tuple[str, str | Callable[[re.Match], str]]
 
+
+def _resnet_layer(m: re.Match) -> str:
+    """`encoder.stages.S.layers.L.{shortcut | layer.J}.{convolution | normalization}.*` -> timm's names."""
+    stage, layer, part, kind, rest = int(m[1]) + 1, m[2], m[3], m[4], m[5]
+    if part == "shortcut":
+        name = "downsample.0" if kind == "convolution" else "downsample.1"
+    else:
+        index = int(part[-1]) + 1
+        name = f"conv{index}" if kind == "convolution" else f"bn{index}"
+    return f"layer{stage}.{layer}.{name}.{rest}"
+
+
 RESNET_RULES: list[Rule] = [
     (r"embedder\.embedder\.convolution\.(.*)", r"conv1.\1"),
     (r"embedder\.embedder\.normalization\.(.*)", r"bn1.\1"),
-    (r"encoder\.stages\.(\d+)\.layers\.(\d+)\.shortcut\.convolution\.(.*)", lambda m: f"layer{int(m[1]) + 1}.{m[2]}.downsample.0.{m[3]}"),
-    (r"encoder\.stages\.(\d+)\.layers\.(\d+)\.shortcut\.normalization\.(.*)", lambda m: f"layer{int(m[1]) + 1}.{m[2]}.downsample.1.{m[3]}"),
-    (r"encoder\.stages\.(\d+)\.layers\.(\d+)\.layer\.(\d)\.convolution\.(.*)", lambda m: f"layer{int(m[1]) + 1}.{m[2]}.conv{int(m[3]) + 1}.{m[4]}"),
-    (r"encoder\.stages\.(\d+)\.layers\.(\d+)\.layer\.(\d)\.normalization\.(.*)", lambda m: f"layer{int(m[1]) + 1}.{m[2]}.bn{int(m[3]) + 1}.{m[4]}"),
+    (r"encoder\.stages\.(\d+)\.layers\.(\d+)\.(shortcut|layer\.\d)\.(convolution|normalization)\.(.*)", _resnet_layer),
 ]
 
 SWIN_BLOCK = r"encoder\.layers\.(\d+)\.blocks\.(\d+)\."
@@ -49,7 +58,10 @@ SWIN_RULES: list[Rule] = [
     (r"embeddings\.norm\.(.*)", r"patch_embed.norm.\1"),
     (SWIN_BLOCK + r"layernorm_before\.(.*)", r"layers.\1.blocks.\2.norm1.\3"),
     (SWIN_BLOCK + r"layernorm_after\.(.*)", r"layers.\1.blocks.\2.norm2.\3"),
-    (SWIN_BLOCK + r"attention\.(?:self|relative_position_bias)\.relative_position_bias_table", r"layers.\1.blocks.\2.attn.relative_position_bias_table"),
+    (
+        SWIN_BLOCK + r"attention\.(?:self|relative_position_bias)\.relative_position_bias_table",
+        r"layers.\1.blocks.\2.attn.relative_position_bias_table",
+    ),
     (SWIN_BLOCK + r"attention\.(?:output\.dense|o_proj)\.(.*)", r"layers.\1.blocks.\2.attn.proj.\3"),
     (SWIN_BLOCK + r"(?:intermediate\.dense|mlp\.fc1)\.(.*)", r"layers.\1.blocks.\2.mlp.fc1.\3"),
     (SWIN_BLOCK + r"(?:output\.dense|mlp\.fc2)\.(.*)", r"layers.\1.blocks.\2.mlp.fc2.\3"),
@@ -178,7 +190,7 @@ def split_hf_backbone_state_dict(
             converted[_rename(name, rules, key, model_type, source)] = value
     for (stage, block, kind), parts in qkv.items():
         if sorted(parts) != ["k", "q", "v"]:
-            raise ValueError(f"{source}: Swin stage {stage} block {block} lacks one of the query/key/value {kind} weights")
+            raise ValueError(f"{source}: Swin stage {stage} block {block} lacks one of its query/key/value {kind}s")
         converted[f"layers.{stage}.blocks.{block}.attn.qkv.{kind}"] = torch.cat([parts["q"], parts["k"], parts["v"]])
     return converted, dropped
 
@@ -193,7 +205,9 @@ def _rename(name: str, rules: list[Rule], key: str, model_type: str, source: str
     )
 
 
-def convert_hf_backbone_state_dict(state_dict: Mapping[str, torch.Tensor], config: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+def convert_hf_backbone_state_dict(
+    state_dict: Mapping[str, torch.Tensor], config: Mapping[str, Any]
+) -> dict[str, torch.Tensor]:
     """transformers ResNet / Swin / ConvNeXt weights (bare, classification or *Backbone class, v4 or v5 names,
     with or without the model prefix) -> native keys; classifier, pooler and final norm are dropped."""
     return split_hf_backbone_state_dict(state_dict, config.get("model_type"))[0]

@@ -25,6 +25,7 @@ from huggingface_hub import constants
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from safetensors.torch import save_file
+from timm.models.convnext import checkpoint_filter_fn as timm_convnext_filter
 from timm.models.swin_transformer import checkpoint_filter_fn
 
 from backbones import AutoBackbone, ConvNeXtBackbone, ResNetBackbone, SwinBackbone, TimmBackbone
@@ -299,6 +300,28 @@ def test_original_microsoft_swin_checkpoint(tmp_path):
     with torch.no_grad():
         levels = timm_swin.eval().forward_intermediates(x, indices=4, intermediates_only=True)  # NCHW
         expected = [F.layer_norm(t.permute(0, 2, 3, 1), t.shape[1:2]).permute(0, 3, 1, 2) for t in levels]  # fresh out_norms
+        assert_same_maps(ours.eval()(x).feature_maps, expected)
+
+
+def test_original_facebook_convnext_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    kwargs = dict(depths=(1, 1, 2, 1), dims=(8, 16, 16, 32))
+    timm_convnext = randomize_norms(timm.create_model("convnext_tiny", **kwargs))
+    original = {}
+    for key, value in timm_convnext.state_dict().items():  # timm -> Facebook's release layout
+        key = key.replace("stem.", "downsample_layers.0.").replace("head.fc.", "head.").replace("head.norm.", "norm.")
+        key = re.sub(r"stages\.(\d+)\.downsample\.", r"downsample_layers.\1.", key)
+        key = re.sub(r"stages\.(\d+)\.blocks\.(\d+)\.", r"stages.\1.\2.", key)
+        original[key.replace("conv_dw", "dwconv").replace("mlp.fc", "pwconv")] = value
+    filtered = timm_convnext_filter({"model": dict(original)}, timm_convnext)  # timm's converter reads it back
+    assert all(torch.equal(filtered[k], v) for k, v in timm_convnext.state_dict().items())
+    torch.save({"model": original}, tmp_path / "convnext_tiny_1k_224.pth")
+    ours = ConvNeXtBackbone(**kwargs, out_indices=[1, 2, 3, 4])
+    assert ours.load_pretrained(tmp_path / "convnext_tiny_1k_224.pth").ignored == ["norm.weight", "norm.bias", "head.weight", "head.bias"]
+    x = torch.randn(2, 3, 225, 301)
+    with torch.no_grad():
+        levels = timm_convnext.forward_intermediates(x, indices=4, intermediates_only=True)
+        expected = [F.layer_norm(t.permute(0, 2, 3, 1), t.shape[1:2], eps=1e-6).permute(0, 3, 1, 2) for t in levels]
         assert_same_maps(ours.eval()(x).feature_maps, expected)
 
 
