@@ -57,17 +57,18 @@ def panoptic_inference(
         return panoptic_seg, []
 
     winner = (scores[:, None, None] * mask_probs).argmax(0)  # (H, W) index of the winning kept query
-    wins = winner[None] == torch.arange(num_kept, device=winner.device)[:, None, None]  # (n, H, W)
     confident = mask_probs >= 0.5
-    won_area = wins.sum((1, 2)).cpu()
+    confident_winner = confident.gather(0, winner[None])[0]  # (H, W) the winner's mask probability >= 0.5
+    won_area = torch.bincount(winner.flatten(), minlength=num_kept).cpu()
     mask_area = confident.sum((1, 2)).cpu()
-    segment_area = (wins & confident).sum((1, 2)).cpu()
+    segment_area = torch.bincount(winner[confident_winner], minlength=num_kept).cpu()
     # The areas ratio in float64, as the original's Python division.
     covered = won_area.double() / mask_area.clamp(min=1).double()
     valid = (won_area > 0) & (mask_area > 0) & (segment_area > 0) & (covered >= overlap_threshold)
 
     # Stuff queries of a class share the segment of the first valid one; every other valid query opens one.
-    labels_cpu, thing = labels.cpu(), is_thing.cpu()[labels.cpu()]
+    labels_cpu = labels.cpu()
+    thing = is_thing.cpu()[labels_cpu]
     order = torch.arange(num_kept)
     same_class_before = (labels_cpu[:, None] == labels_cpu[None, :]) & (order[None, :] <= order[:, None])
     first_of_class = (same_class_before & (valid & ~thing)[None, :]).int().argmax(1)
@@ -76,7 +77,6 @@ def panoptic_inference(
     segment_number = opens.cumsum(0).int()
     query_segment = torch.where(valid, segment_number[owner], 0).to(winner.device)
 
-    confident_winner = confident.gather(0, winner[None])[0]
     panoptic_seg = torch.where(confident_winner, query_segment[winner], panoptic_seg)
     columns = (segment_number[opens], labels_cpu[opens], thing[opens], scores.cpu()[opens])
     segments_info = [
