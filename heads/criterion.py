@@ -131,6 +131,11 @@ class SetCriterion(nn.Module):
         (N_b, H, W) bool, padded to the batch's input size. Returns 0-d tensors keyed `loss_ce`, `loss_mask`,
         `loss_dice`, then `loss_ce_0`, ... for auxiliary layer 0 and so on.
         """
+        if outputs["pred_logits"].shape[-1] != self.num_classes + 1:
+            raise ValueError(
+                f"SetCriterion: pred_logits have {outputs['pred_logits'].shape[-1]} classes, expected "
+                f"num_classes + 1 = {self.num_classes + 1} (the last one is no-object)."
+            )
         device = outputs["pred_logits"].device
         labels = torch.cat([t["labels"] for t in targets]).to(device)  # (T,) all targets of the batch
         masks = torch.cat([t["masks"] for t in targets]).to(device)  # (T, H, W)

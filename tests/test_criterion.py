@@ -213,3 +213,6 @@ def test_bad_configuration_is_a_clear_error():
         SetCriterion(3, mask_loss="focal")
     with pytest.raises(ValueError, match="importance_sample_ratio"):
         SetCriterion(3, importance_sample_ratio=1.5)
+    outputs = {"pred_logits": torch.zeros(1, 2, 3), "pred_masks": torch.zeros(1, 2, 4, 4)}
+    with pytest.raises(ValueError, match="expected num_classes"):
+        SetCriterion(3)(outputs, [_empty(16)])
