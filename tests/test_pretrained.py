@@ -261,7 +261,7 @@ def test_timm_hub_repo_and_default_pretrained_name_from_the_offline_cache(tmp_pa
     put_in_hub_cache(hub_cache, "timm/convnext_atto.test", files)
     put_in_hub_cache(hub_cache, "timm/convnext_atto.d2_in1k", files)  # timm's default weights for convnext_atto
 
-    for source in ("timm/convnext_atto.test", "convnext_atto", "convnext_atto.d2_in1k"):
+    for source in ("timm/convnext_atto.test", "convnext_atto", "convnext_atto.d2_in1k", str(tmp_path)):  # + local folder
         ours = AutoBackbone.from_pretrained(source, out_indices=[0, 1, 2, 3])
         assert isinstance(ours, TimmBackbone)
         compare(ours, reference, sizes=SIZES[1:])
