@@ -1,38 +1,30 @@
-"""Training entry point: `python train.py [group=choice ...]`.
+"""Train (and test) a segmentation model: `python train.py [group=choice ...] [key=value ...]`.
 
-Training itself (data, heads, losses, the Lightning loop) is not built yet. Until it is, this script
-composes the configuration, builds the selected backbone, reports its feature pyramid, and exits
-with status 1 so that no caller mistakes it for a training run.
+Composes configs/train.yaml, seeds, builds data + model + trainer from the config, fits, then evaluates
+the best checkpoint. With no arguments it trains a small model on the synthetic COCO-format dataset.
 """
 
 from __future__ import annotations
 
-import sys
-
 import hydra
-import torch
+import lightning
 from omegaconf import DictConfig
 
-from backbones import Backbone
-
-
-def describe(backbone: Backbone, image_size: tuple[int, int]) -> str:
-    """One line per selected stage: name, channels, stride and feature-map shape for `image_size`."""
-    backbone.eval()
-    with torch.no_grad():
-        maps = backbone(torch.zeros(1, backbone.in_channels, *image_size)).feature_maps
-    rows = [f"{type(backbone).__name__}: stages {backbone.stage_names}"]
-    for name, channels, stride, fmap in zip(backbone.out_features, backbone.channels, backbone.strides, maps):
-        rows.append(f"  {name:<10} channels={channels:<5} stride={stride:<3} map={tuple(fmap.shape)}")
-    return "\n".join(rows)
+from model.build import build_datamodule, build_module, build_trainer
 
 
 @hydra.main(config_path="configs", config_name="train", version_base="1.3")
-def main(cfg: DictConfig) -> None:
-    backbone = hydra.utils.instantiate(cfg.backbone)
-    print(describe(backbone, tuple(cfg.image_size)))
-    sys.exit("train.py: training is not implemented yet (data, necks, heads and the training loop come next); "
-             "the backbone above was built from the config and nothing was trained.")
+def main(cfg: DictConfig) -> dict[str, float]:
+    lightning.seed_everything(cfg.seed, workers=True)
+    datamodule = build_datamodule(cfg)
+    module = build_module(cfg, datamodule.metadata)
+    trainer = build_trainer(cfg)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    if not cfg.test_after_fit:
+        return module.last_results
+    best = getattr(trainer.checkpoint_callback, "best_model_path", "") or None
+    trainer.test(module, datamodule=datamodule, ckpt_path=best)
+    return module.last_results
 
 
 if __name__ == "__main__":

@@ -1,0 +1,34 @@
+"""Evaluate a checkpoint: `python evaluate.py checkpoint=PATH [data=...]`.
+
+PATH is a train.py checkpoint (.ckpt) or a folder with config.json + model.safetensors (a run's export,
+or a converted Hugging Face model from `python -m model.convert`). Prints and writes PQ / AP / mIoU.
+"""
+
+from __future__ import annotations
+
+import hydra
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from model.build import build_datamodule, container, metadata_dict
+from model.loading import load_module
+
+
+@hydra.main(config_path="configs", config_name="evaluate", version_base="1.3")
+def main(cfg: DictConfig) -> dict[str, float]:
+    datamodule = build_datamodule(cfg)
+    module = load_module(
+        cfg.checkpoint,
+        metadata=metadata_dict(datamodule.metadata),
+        task=cfg.data.task,
+        postprocess=container(cfg.postprocess),
+        output_dir=str(cfg.paths.output_dir),
+    )
+    trainer = instantiate(cfg.trainer, logger=False, callbacks=[])
+    trainer.test(module, datamodule=datamodule)
+    print(f"results written under {cfg.paths.output_dir}/eval_test")
+    return module.last_results
+
+
+if __name__ == "__main__":
+    main()

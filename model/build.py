@@ -1,0 +1,62 @@
+"""Build the data module, the LightningModule and the Trainer from a composed Hydra config."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hydra.utils import instantiate
+from lightning import Callback, LightningDataModule, Trainer
+from omegaconf import DictConfig, OmegaConf
+
+from model.loading import init_from
+from model.module import SegmentationModule
+
+# The metric that picks the best checkpoint for each task (logged as "val/<metric>").
+MAIN_METRIC = {"panoptic": "val/PQ", "instance": "val/segm/AP", "semantic": "val/mIoU"}
+
+OmegaConf.register_new_resolver("main_metric", lambda task: MAIN_METRIC[task], replace=True)
+
+
+def container(node: Any) -> Any:
+    """A resolved plain-Python copy of a config node (what the module stores in its checkpoints)."""
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+
+
+def metadata_dict(metadata: Any) -> dict[str, Any]:
+    """`data.DatasetMetadata` -> the plain dict the module keeps (class names, colors, things, ids)."""
+    return {
+        "categories": [dict(c, color=list(c["color"])) for c in metadata.categories],
+        "num_classes": metadata.num_classes,
+        "ignore_index": metadata.ignore_index,
+    }
+
+
+def build_datamodule(cfg: DictConfig) -> LightningDataModule:
+    return instantiate(cfg.data)
+
+
+def build_module(cfg: DictConfig, metadata: Any) -> SegmentationModule:
+    """The LightningModule for `cfg` (backbone, neck, head, criterion, optimizer, scheduler, postprocess),
+    starting from the weights of `cfg.init_from` when set (fine-tuning a trained or converted model)."""
+    module = SegmentationModule(
+        model={"backbone": container(cfg.backbone), "neck": container(cfg.neck), "head": container(cfg.head)},
+        criterion=container(cfg.criterion),
+        metadata=metadata_dict(metadata),
+        task=cfg.data.task,
+        optimizer=container(cfg.optimizer),
+        scheduler=container(cfg.scheduler),
+        postprocess=container(cfg.postprocess),
+        compile_backbone=bool(cfg.compile_backbone),
+        output_dir=str(cfg.paths.output_dir),
+    )
+    if cfg.get("init_from"):
+        skipped = init_from(module, cfg.init_from)
+        print(f"init_from={cfg.init_from}: loaded the model weights" + (f"; re-initialised {skipped} (shape differs)" if skipped else ""))
+    return module
+
+
+def build_trainer(cfg: DictConfig, **overrides: Any) -> Trainer:
+    """The Trainer with the configured loggers and callbacks (`logger=none` turns logging off)."""
+    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
+    callbacks: list[Callback] = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
+    return instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks, **overrides)

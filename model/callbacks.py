@@ -1,0 +1,103 @@
+"""Lightning callbacks: validation overlays and a safetensors export of the trained weights."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from lightning import Callback, LightningModule, Trainer
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_only
+from safetensors.torch import save_file
+from torchvision.io import write_png
+
+from model.overlay import denormalize, draw_prediction, draw_target
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` to `path` through a temporary file in the same folder, so no reader sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def export_safetensors(module: LightningModule, folder: str | Path) -> Path:
+    """Write `model.safetensors` (the Segmenter's weights) and `config.json` (everything needed to rebuild
+    it: model/criterion/postprocess configs and dataset metadata) into `folder`, atomically."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in module.model.state_dict().items()}
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".model.safetensors.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(state, tmp, metadata={"format": "pt"})
+        os.replace(tmp, folder / "model.safetensors")
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    config = {k: v for k, v in dict(module.hparams).items() if k != "output_dir"}
+    atomic_write_bytes(folder / "config.json", json.dumps(config, indent=2, default=str).encode())
+    return folder / "model.safetensors"
+
+
+class SafetensorsExport(Callback):
+    """At the end of fit, export the best checkpoint's weights (or the last ones) to `<dirpath>/`."""
+
+    def __init__(self, dirpath: str) -> None:
+        self.dirpath = dirpath
+
+    @rank_zero_only
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        best = getattr(trainer.checkpoint_callback, "best_model_path", "")
+        if best and Path(best).is_file():
+            state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
+            current = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+            pl_module.load_state_dict(state)
+            path = export_safetensors(pl_module, self.dirpath)
+            pl_module.load_state_dict(current)
+        else:
+            path = export_safetensors(pl_module, self.dirpath)
+        print(f"Exported weights to {path}")
+
+
+class ValidationOverlays(Callback):
+    """Every validation, draw prediction | ground truth side by side for the first `num_images` images of
+    the first batch; save PNGs under `dirpath` and log them to TensorBoard."""
+
+    def __init__(self, dirpath: str, num_images: int = 4) -> None:
+        self.dirpath = Path(dirpath)
+        self.num_images = num_images
+
+    @rank_zero_only
+    def on_validation_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        if batch_idx != 0 or trainer.sanity_checking or not outputs:
+            return
+        categories = pl_module.metadata["categories"]
+        for index in range(min(self.num_images, len(outputs))):
+            h, w = batch["image_sizes"][index]
+            height, width = batch["orig_sizes"][index]
+            image = denormalize(batch["images"][index, :, :h, :w].float().cpu())
+            image = F.interpolate(image[None].float(), size=(height, width), mode="bilinear", align_corners=False)[0]
+            image = image.round().clamp(0, 255).to(torch.uint8)
+            target = dict(batch["targets"][index])
+            masks = target["masks"][:, :h, :w].float().cpu()
+            target["masks"] = F.interpolate(masks[None], size=(height, width), mode="nearest")[0].bool() if len(masks) else masks
+            panel = torch.cat([draw_prediction(image, outputs[index], categories), draw_target(image, target, categories)], dim=2)
+            self.dirpath.mkdir(parents=True, exist_ok=True)
+            write_png(panel, str(self.dirpath / f"step{trainer.global_step:07d}_image{index}.png"))
+            for logger in trainer.loggers:
+                if isinstance(logger, TensorBoardLogger):
+                    logger.experiment.add_image(f"val/overlay_{index}", panel, global_step=trainer.global_step)

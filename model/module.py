@@ -1,0 +1,191 @@
+"""SegmentationModule: the LightningModule that trains and evaluates a Segmenter."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.utils import instantiate
+from lightning import LightningModule
+
+from model.optim import build_adamw
+from model.schedules import build_scheduler
+from model.segmenter import Segmenter
+
+TASKS = ("panoptic", "instance", "semantic")
+# What each training task evaluates (Mask2Former: a panoptic model is also scored on AP and mIoU).
+EVALUATIONS = {"panoptic": ("panoptic", "instance", "semantic"), "instance": ("instance",), "semantic": ("semantic",)}
+
+
+class SegmentationModule(LightningModule):
+    """Backbone + neck + head trained with a set criterion, evaluated with COCO / panoptic / mIoU metrics.
+
+    Every argument is a plain dict (Hydra config converted to containers) and is stored in the checkpoint,
+    so `SegmentationModule.load_from_checkpoint(path)` rebuilds the model with no config at hand.
+    """
+
+    def __init__(
+        self,
+        model: Mapping[str, Any],
+        criterion: Mapping[str, Any],
+        metadata: Mapping[str, Any],
+        task: str = "panoptic",
+        optimizer: Mapping[str, Any] | None = None,
+        scheduler: Mapping[str, Any] | None = None,
+        postprocess: Mapping[str, Any] | None = None,
+        evaluations: Sequence[str] | None = None,
+        compile_backbone: bool = False,
+        output_dir: str | None = None,
+    ) -> None:
+        super().__init__()
+        if task not in TASKS:
+            raise ValueError(f"data.task={task!r} is not a task; choose one of {TASKS}")
+        self.save_hyperparameters()
+        self.task = task
+        self.metadata = dict(metadata)
+        num_classes = int(self.metadata["num_classes"])
+        self.model = Segmenter.from_config({**model, "num_classes": num_classes})
+        if compile_backbone:
+            self.model.backbone.compile()
+        self.criterion = instantiate(dict(criterion), num_classes=num_classes)
+        self.postprocess = self._build_postprocessor(dict(postprocess or {}))
+        self.evaluations = tuple(evaluations) if evaluations is not None else EVALUATIONS[task]
+        self.optimizer_config = dict(optimizer or {})
+        self.scheduler_config = dict(scheduler or {})
+        self.output_dir = output_dir
+        self.evaluators: dict[str, Any] = {}
+        self.last_results: dict[str, float] = {}
+
+    # ------------------------------------------------------------------ model
+    def _build_postprocessor(self, config: dict) -> torch.nn.Module:
+        from heads.postprocess import PostProcessor
+
+        things = [k for k, c in enumerate(self.metadata["categories"]) if c["isthing"]]
+        return PostProcessor(
+            num_classes=int(self.metadata["num_classes"]),
+            thing_classes=things,
+            semantic_on=self.task in ("semantic", "panoptic"),
+            panoptic_on=self.task == "panoptic",
+            instance_on=self.task in ("instance", "panoptic"),
+            **config,
+        )
+
+    def forward(self, images: torch.Tensor) -> dict[str, Any]:
+        """images (B, 3, H, W) normalised -> raw head outputs."""
+        return self.model(images)
+
+    @torch.no_grad()
+    def predict(self, batch: Mapping[str, Any]) -> list[dict[str, Any]]:
+        """Post-processed predictions at each image's original size (see docs/architecture.md)."""
+        outputs = self.model(batch["images"])
+        return self.postprocess(outputs, batch["image_sizes"], batch["orig_sizes"])
+
+    # --------------------------------------------------------------- training
+    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
+        outputs = self.model(batch["images"])
+        losses = self.criterion(outputs, batch["targets"])
+        loss = torch.stack(list(losses.values())).sum()
+        batch_size = batch["images"].shape[0]
+        main = {f"train/{name}": value for name, value in losses.items() if not name[-1].isdigit()}
+        self.log_dict(main, batch_size=batch_size)
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
+        return loss
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        optimizer = build_adamw(self.model, **self.optimizer_config)
+        total = int(self.trainer.estimated_stepping_batches)
+        scheduler = build_scheduler(optimizer, total_steps=max(total, 1), **self.scheduler_config)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ------------------------------------------------------------- evaluation
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if datamodule is None:
+            return
+        if stage in ("fit", "validate"):
+            self.evaluators["val"] = self._build_evaluators(datamodule.val_dataset)
+        if stage == "test":
+            self.evaluators["test"] = self._build_evaluators(datamodule.test_dataset)
+
+    def _build_evaluators(self, dataset: Any) -> dict[str, Any]:
+        """The evaluators of this task for `dataset` (its metadata and ground-truth files)."""
+        from evaluation import COCOInstanceEvaluator, PanopticEvaluator, SemanticEvaluator
+
+        meta = dataset.metadata
+        evaluators: dict[str, Any] = {}
+        if "panoptic" in self.evaluations:
+            if dataset.panoptic_json is None:
+                raise ValueError("panoptic evaluation needs the dataset's panoptic_json and panoptic_root (data.val.*)")
+            evaluators["panoptic"] = PanopticEvaluator(
+                dataset.panoptic_json, dataset.panoptic_root, list(meta.categories), meta.contiguous_to_dataset_id
+            )
+        if "instance" in self.evaluations and dataset.ann_file is not None:
+            # Instances files list the thing categories only (COCO: 80 of the 133 panoptic classes).
+            things = {k: meta.contiguous_to_dataset_id[k] for k in meta.thing_classes}
+            evaluators["instance"] = COCOInstanceEvaluator(dataset.ann_file, things)
+        if "semantic" in self.evaluations:
+            evaluators["semantic"] = SemanticEvaluator(
+                meta.num_classes, meta.ignore_index, dataset.load_semantic_gt, meta.class_names
+            )
+        return evaluators
+
+    def _eval_step(self, split: str, batch: Mapping[str, Any]) -> list[dict[str, Any]]:
+        predictions = self.predict(batch)
+        for evaluator in self.evaluators.get(split, {}).values():
+            evaluator.process(batch["image_ids"], predictions)
+        return predictions
+
+    def _eval_epoch_end(self, split: str, write_files: bool) -> dict[str, float]:
+        evaluators = self.evaluators.get(split, {})
+        results: dict[str, float] = {}
+        for evaluator in evaluators.values():
+            results.update(evaluator.evaluate())  # a collective: every rank gets the same numbers
+        self.log_dict({f"{split}/{k}": float(v) for k, v in results.items()}, sync_dist=False, rank_zero_only=False)
+        folder = self._eval_folder(split)
+        if write_files and folder is not None:
+            for evaluator in evaluators.values():
+                evaluator.write(folder)
+        if self.trainer.is_global_zero:
+            print(f"\n{split} metrics at step {self.global_step}:")
+            for evaluator in evaluators.values():
+                print(evaluator.table())
+            if folder is not None:
+                self._write_metrics(folder / f"metrics_step{self.global_step:07d}.json", results)
+        for evaluator in evaluators.values():
+            evaluator.reset()
+        self.last_results = results
+        return results
+
+    def _eval_folder(self, split: str) -> Path | None:
+        return Path(self.output_dir) / f"eval_{split}" if self.output_dir else None
+
+    @staticmethod
+    def _write_metrics(path: Path, results: Mapping[str, float]) -> None:
+        from model.callbacks import atomic_write_bytes
+
+        clean = {k: (None if v != v else float(v)) for k, v in results.items()}  # NaN -> null
+        atomic_write_bytes(path, json.dumps(clean, indent=2).encode())
+
+    def on_validation_epoch_start(self) -> None:
+        for evaluator in self.evaluators.get("val", {}).values():
+            evaluator.reset()
+
+    def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> list[dict[str, Any]]:
+        return self._eval_step("val", batch)
+
+    def on_validation_epoch_end(self) -> None:
+        if not self.trainer.sanity_checking:
+            self._eval_epoch_end("val", write_files=False)
+
+    def on_test_epoch_start(self) -> None:
+        for evaluator in self.evaluators.get("test", {}).values():
+            evaluator.reset()
+
+    def test_step(self, batch: Mapping[str, Any], batch_idx: int) -> list[dict[str, Any]]:
+        return self._eval_step("test", batch)
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_epoch_end("test", write_files=True)
