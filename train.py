@@ -1,7 +1,7 @@
 """Train (and test) a segmentation model: `python train.py [group=choice ...] [key=value ...]`.
 
-Composes configs/train.yaml, seeds, builds data + model + trainer from the config, fits, then evaluates
-the best checkpoint. With no arguments it trains a small model on the synthetic COCO-format dataset.
+Composes configs/train.yaml, seeds, builds data + model + trainer from the config, (optionally scores the
+untrained model,) fits, then evaluates the best checkpoint. With no arguments it trains a small model on the synthetic COCO-format dataset.
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ def main(cfg: DictConfig) -> dict[str, float]:
     datamodule = build_datamodule(cfg)
     module = build_module(cfg, datamodule.metadata)
     trainer = build_trainer(cfg)
+    if cfg.validate_before_fit:  # the untrained model's metrics, to compare with the trained one's
+        trainer.validate(module, datamodule=datamodule)
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
     if not cfg.test_after_fit:
         return module.last_results

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from heads.mlp import MLP
 from necks.base import NeckOutput
 from necks.pixel_decoder import PositionEmbeddingSine
 
@@ -31,22 +32,6 @@ def masked_attention_mask(mask_logits: torch.Tensor, size: tuple[int, int], num_
     blocked = mask.sigmoid().flatten(2) < 0.5
     blocked = blocked & ~blocked.all(-1, keepdim=True)
     return blocked.repeat_interleave(num_heads, dim=0)
-
-
-class MLP(nn.Module):
-    """`num_layers` linear layers with ReLU between them (`layers.0`, `layers.1`, ...)."""
-
-    def __init__(self, input_dim: int, hidden_dim: int, output_dim: int, num_layers: int) -> None:
-        super().__init__()
-        dims = [input_dim] + [hidden_dim] * (num_layers - 1) + [output_dim]
-        self.layers = nn.ModuleList(nn.Linear(i, o) for i, o in zip(dims[:-1], dims[1:]))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for i, layer in enumerate(self.layers):
-            x = layer(x)
-            if i < len(self.layers) - 1:
-                x = F.relu(x)
-        return x
 
 
 class MaskedAttentionDecoderLayer(nn.Module):

@@ -14,22 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from heads.mlp import MLP
 from necks.base import NeckOutput
 from necks.pixel_decoder import PositionEmbeddingSine
-
-
-class MLP(nn.Module):
-    """Linear layers with ReLU between them (none after the last)."""
-
-    def __init__(self, input_dim: int, hidden_dim: int, output_dim: int, num_layers: int) -> None:
-        super().__init__()
-        dims = [input_dim] + [hidden_dim] * (num_layers - 1) + [output_dim]
-        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for i, layer in enumerate(self.layers):
-            x = layer(x) if i == len(self.layers) - 1 else F.relu(layer(x))
-        return x
 
 
 class DetrDecoderLayer(nn.Module):

@@ -16,20 +16,8 @@ from lightning.pytorch.utilities import rank_zero_only
 from safetensors.torch import save_file
 from torchvision.io import write_png
 
+from evaluation.base import atomic_write_bytes
 from model.overlay import denormalize, draw_prediction, draw_target
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to `path` through a temporary file in the same folder, so no reader sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def export_safetensors(module: LightningModule, folder: str | Path) -> Path:

@@ -16,6 +16,7 @@ import torch
 
 from backbones.checkpoint import read_hf_checkpoint
 from backbones.hf_conversion import native_backbone_from_hf_config, split_hf_backbone_state_dict
+from model.key_rules import rename_key
 
 NECK_TARGET = "necks.msdeform_pixel_decoder.MSDeformAttnPixelDecoder"
 HEAD_TARGET = "heads.mask2former.Mask2FormerHead"
@@ -134,16 +135,6 @@ HEAD_RULES: list[tuple[str, str]] = [
 SELF_ATTN_QKV = re.compile(r"decoder\.layers\.(\d+)\.self_attn\.([qkv])_proj\.(weight|bias)")
 
 
-def _rename(key: str, rules: list, source: str) -> str:
-    for pattern, replacement in rules:
-        match = re.fullmatch(pattern, key)
-        if match:
-            return replacement(match) if callable(replacement) else match.expand(replacement)
-    raise ValueError(
-        f"{source}: unexpected Mask2Former weight {key!r}; is this a Mask2FormerForUniversalSegmentation checkpoint?"
-    )
-
-
 def convert_mask2former_state_dict(
     state_dict: Mapping[str, torch.Tensor], config: Mapping[str, Any], source: str = "checkpoint"
 ) -> dict[str, torch.Tensor]:
@@ -157,13 +148,13 @@ def convert_mask2former_state_dict(
         if key.startswith(BACKBONE_PREFIX):
             backbone[key[len(BACKBONE_PREFIX) :]] = value
         elif key.startswith(NECK_PREFIX):
-            out["neck." + _rename(key[len(NECK_PREFIX) :], neck_rules, source)] = value
+            out["neck." + rename_key(key[len(NECK_PREFIX) :], neck_rules, source, "Mask2FormerForUniversalSegmentation")] = value
         elif key.startswith("class_predictor."):
             out["head.class_embed." + key[len("class_predictor.") :]] = value
         elif key.startswith(HEAD_PREFIX) and (match := SELF_ATTN_QKV.fullmatch(key[len(HEAD_PREFIX) :])):
             qkv[(match[1], match[3], match[2])] = value
         elif key.startswith(HEAD_PREFIX):
-            out["head." + _rename(key[len(HEAD_PREFIX) :], HEAD_RULES, source)] = value
+            out["head." + rename_key(key[len(HEAD_PREFIX) :], HEAD_RULES, source, "Mask2FormerForUniversalSegmentation")] = value
         else:
             raise ValueError(
                 f"{source}: unexpected weight {key!r}; is this a Mask2FormerForUniversalSegmentation checkpoint?"

@@ -22,6 +22,7 @@ import torch
 
 from backbones.checkpoint import read_hf_checkpoint
 from backbones.hf_conversion import convert_hf_backbone_state_dict, native_backbone_from_hf_config
+from model.key_rules import rename_key
 
 NECK_TARGET = "necks.pixel_decoder.BasePixelDecoder"
 HEAD_TARGET = "heads.maskformer.MaskFormerHead"
@@ -135,16 +136,6 @@ QKV = re.compile(LAYER + r"(self_attn|encoder_attn)\.([qkv])_proj\.(weight|bias)
 ATTENTION_NAMES = {"self_attn": "self_attn", "encoder_attn": "cross_attn"}
 
 
-def _rename(key: str, rules: list, source: str) -> str:
-    for pattern, replacement in rules:
-        match = re.fullmatch(pattern, key)
-        if match:
-            return replacement(match) if callable(replacement) else match.expand(replacement)
-    raise ValueError(
-        f"{source}: unexpected MaskFormer weight {key!r}; is this a MaskFormerForInstanceSegmentation checkpoint?"
-    )
-
-
 def convert_maskformer_neck_head(
     state_dict: Mapping[str, torch.Tensor], source: str = "checkpoint"
 ) -> dict[str, torch.Tensor]:
@@ -161,11 +152,11 @@ def convert_maskformer_neck_head(
         if key in IGNORED or key.startswith(BACKBONE_PREFIX):
             continue
         if key.startswith(NECK_PREFIX):
-            out["neck." + _rename(key[len(NECK_PREFIX) :], neck_rules, source)] = value
+            out["neck." + rename_key(key[len(NECK_PREFIX) :], neck_rules, source, "MaskFormerForInstanceSegmentation")] = value
         elif match := QKV.fullmatch(key):
             qkv[(match[1], ATTENTION_NAMES[match[2]], match[4], match[3])] = value
         else:
-            out["head." + _rename(key, HEAD_RULES, source)] = value
+            out["head." + rename_key(key, HEAD_RULES, source, "MaskFormerForInstanceSegmentation")] = value
     for layer, attention, kind in sorted({k[:3] for k in qkv}):
         parts = [qkv.get((layer, attention, kind, p)) for p in "qkv"]
         if any(part is None for part in parts):

@@ -83,7 +83,7 @@ def test_transformers_v4_key_layout_converts_to_the_same_weights():
 def test_unknown_weight_is_refused_naming_it():
     state_dict = dict(tiny_hf_maskformer().state_dict())
     state_dict["model.transformer_module.extra.weight"] = torch.zeros(1)
-    with pytest.raises(ValueError, match=r"tiny: unexpected MaskFormer weight 'model\.transformer_module\.extra"):
+    with pytest.raises(ValueError, match=r"tiny: unexpected weight 'model\.transformer_module\.extra"):
         convert_maskformer_neck_head(state_dict, source="tiny")
 
 
