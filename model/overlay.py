@@ -40,14 +40,15 @@ def draw_segments(
     alpha: float = 0.55,
 ) -> torch.Tensor:
     """image (3, H, W) uint8, masks (N, H, W) bool, labels contiguous ids -> (3, H, W) uint8 with colored
-    masks and, for each non-empty mask, a box labelled with the class name (and score)."""
+    masks and, for each non-empty mask of a thing class, a box labelled with the class name (and score)."""
     if masks.numel() == 0 or len(labels) == 0:
         return image
     masks = masks.to(torch.bool).cpu()
     palette = _palette(categories)
     colors = [palette[int(label)] for label in labels]
     out = draw_segmentation_masks(image.cpu(), masks, alpha=alpha, colors=colors)
-    keep = masks.flatten(1).any(1)
+    is_thing = torch.tensor([bool(categories[int(label)].get("isthing", True)) for label in labels])
+    keep = masks.flatten(1).any(1) & is_thing
     if keep.any():
         boxes = masks_to_boxes(masks[keep])
         names = []
