@@ -6,6 +6,7 @@ from typing import Any
 
 from hydra.utils import instantiate
 from lightning import Callback, LightningDataModule, Trainer
+from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf
 
 from model.loading import init_from
@@ -56,7 +57,10 @@ def build_module(cfg: DictConfig, metadata: Any) -> SegmentationModule:
 
 
 def build_trainer(cfg: DictConfig, **overrides: Any) -> Trainer:
-    """The Trainer with the configured loggers and callbacks (`logger=none` turns logging off)."""
+    """The Trainer with the configured loggers and callbacks (`logger=none` turns logging off, and with it
+    the LR monitor, which needs a logger)."""
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
     callbacks: list[Callback] = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
+    if not loggers:
+        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     return instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks, **overrides)

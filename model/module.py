@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import random
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from hydra.utils import instantiate
 from lightning import LightningModule
@@ -58,6 +60,7 @@ class SegmentationModule(LightningModule):
         self.output_dir = output_dir
         self.evaluators: dict[str, Any] = {}
         self.last_results: dict[str, float] = {}
+        self._resumed_rng_states: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------ model
     def _build_postprocessor(self, config: dict) -> torch.nn.Module:
@@ -93,6 +96,22 @@ class SegmentationModule(LightningModule):
         self.log_dict(main, batch_size=batch_size)
         self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
         return loss
+
+    # ------------------------------------------------------------- resuming
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Keep the random state (data order, augmentations, point sampling, dropout) for an exact resume."""
+        checkpoint["rng_states"] = rng_states()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self._trainer is not None and self.trainer.state.fn == "fit":
+            self._resumed_rng_states = checkpoint.get("rng_states")
+
+    def on_train_start(self) -> None:
+        """A resumed run continues the random streams where the checkpoint left them: set here, after every
+        restore and before the first batch is drawn, as the uninterrupted run draws it."""
+        if self._resumed_rng_states is not None:
+            set_rng_states(self._resumed_rng_states)
+            self._resumed_rng_states = None
 
     def configure_optimizers(self) -> dict[str, Any]:
         optimizer = build_adamw(self.model, **self.optimizer_config)
@@ -189,3 +208,26 @@ class SegmentationModule(LightningModule):
 
     def on_test_epoch_end(self) -> None:
         self._eval_epoch_end("test", write_files=True)
+
+
+def rng_states() -> dict[str, Any]:
+    """The global random states of torch (CPU and CUDA), numpy and Python, in types that
+    `torch.load(weights_only=True)` reads (numpy's key array as a tensor)."""
+    kind, keys, position, has_gauss, cached_gauss = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached_gauss],
+        "python": random.getstate(),
+    }
+
+
+def set_rng_states(states: Mapping[str, Any]) -> None:
+    """Restore what `rng_states` saved (CUDA states only when the device count matches)."""
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available() and len(states["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(states["cuda"])
+    kind, keys, position, has_gauss, cached_gauss = states["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, cached_gauss))
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
