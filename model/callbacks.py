@@ -60,21 +60,25 @@ class SafetensorsExport(Callback):
 
 
 class ValidationOverlays(Callback):
-    """Every validation, draw prediction | ground truth side by side for the first `num_images` images of
-    the first batch; save PNGs under `dirpath` and log them to TensorBoard."""
+    """Every validation, draw prediction | ground truth side by side for the first `num_images` images
+    (taken from the first batches); save PNGs under `dirpath` and log them to TensorBoard."""
 
     def __init__(self, dirpath: str, num_images: int = 4) -> None:
         self.dirpath = Path(dirpath)
         self.num_images = num_images
+        self.drawn = 0
+
+    def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.drawn = 0
 
     @rank_zero_only
     def on_validation_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
     ) -> None:
-        if batch_idx != 0 or trainer.sanity_checking or not outputs:
+        if trainer.sanity_checking or not outputs or self.drawn >= self.num_images:
             return
         categories = pl_module.metadata["categories"]
-        for index in range(min(self.num_images, len(outputs))):
+        for index in range(min(self.num_images - self.drawn, len(outputs))):
             h, w = batch["image_sizes"][index]
             height, width = batch["orig_sizes"][index]
             image = denormalize(batch["images"][index, :, :h, :w].float().cpu())
@@ -85,7 +89,8 @@ class ValidationOverlays(Callback):
             target["masks"] = F.interpolate(masks[None], size=(height, width), mode="nearest")[0].bool() if len(masks) else masks
             panel = torch.cat([draw_prediction(image, outputs[index], categories), draw_target(image, target, categories)], dim=2)
             self.dirpath.mkdir(parents=True, exist_ok=True)
-            write_png(panel, str(self.dirpath / f"step{trainer.global_step:07d}_image{index}.png"))
+            write_png(panel, str(self.dirpath / f"step{trainer.global_step:07d}_image{self.drawn}.png"))
             for logger in trainer.loggers:
                 if isinstance(logger, TensorBoardLogger):
-                    logger.experiment.add_image(f"val/overlay_{index}", panel, global_step=trainer.global_step)
+                    logger.experiment.add_image(f"val/overlay_{self.drawn}", panel, global_step=trainer.global_step)
+            self.drawn += 1
