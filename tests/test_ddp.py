@@ -10,7 +10,7 @@ from tiny_run import data_overrides, read_metrics, run_script, train_overrides
 # 5 validation images over 2 ranks, one per batch (as the COCO recipes: a batch pads its images to a common
 # size, which changes the predictions): rank 0 scores 3 images, rank 1 2. A zero object-mask threshold keeps
 # the barely trained model's low-confidence segments, so PQ is not 0.
-SHARED = ["data.synthetic.num_val=5", "+data.eval_batch_size=1", "postprocess.object_mask_threshold=0.0"]
+SHARED = ["data.synthetic.num_val=5", "data.eval_batch_size=1", "postprocess.object_mask_threshold=0.0"]
 # 10 steps at lr 1e-2 (one step per epoch: 4 images, 2 per rank; max_epochs is 10), validated once at the end.
 TRAIN = ["optimizer.lr=1e-2", "trainer.check_val_every_n_epoch=10"]
 
