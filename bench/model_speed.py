@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import platform
 import statistics
 import sys
 import tempfile
@@ -47,6 +46,7 @@ from transformers import (
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from bench.backbone_speed import cpu_name  # noqa: E402
 from model.convert_mask2former import convert_mask2former  # noqa: E402
 from model.convert_maskformer import convert_maskformer  # noqa: E402
 from model.segmenter import Segmenter  # noqa: E402
@@ -194,14 +194,6 @@ def measure(
             if i >= warmup:
                 times[key].append(elapsed)
     return {key: (statistics.median(times[key]) * 1000, memory[key]) for key in steps}
-
-
-def cpu_name() -> str:
-    with contextlib.suppress(OSError):
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "CPU"
 
 
 def main() -> None:
