@@ -19,8 +19,8 @@ from torchvision.transforms import v2
 
 from data.collate import Collate
 from data.image_io import read_image
+from evaluation.base import atomic_write_bytes
 from model.build import container
-from model.callbacks import atomic_write_bytes
 from model.loading import load_module
 from model.overlay import draw_prediction
 

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -13,29 +12,20 @@ import torch.nn.functional as F
 from lightning import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
-from safetensors.torch import save_file
+from safetensors.torch import save
 from torchvision.io import write_png
 
 from evaluation.base import atomic_write_bytes
 from model.overlay import denormalize, draw_prediction, draw_target
 
 
-def export_safetensors(module: LightningModule, folder: str | Path) -> Path:
-    """Write `model.safetensors` (the Segmenter's weights) and `config.json` (everything needed to rebuild
-    it: model/criterion/postprocess configs and dataset metadata) into `folder`, atomically."""
+def write_export(folder: str | Path, config: Mapping[str, Any], state_dict: Mapping[str, torch.Tensor]) -> Path:
+    """Write `model.safetensors` (Segmenter weights) and `config.json` (what rebuilds the model: its parts,
+    criterion, post-processing and dataset metadata) into `folder`, each atomically. Returns the weights file."""
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in module.model.state_dict().items()}
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".model.safetensors.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(state, tmp, metadata={"format": "pt"})
-        os.replace(tmp, folder / "model.safetensors")
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    config = {k: v for k, v in dict(module.hparams).items() if k != "output_dir"}
-    atomic_write_bytes(folder / "config.json", json.dumps(config, indent=2, default=str).encode())
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
+    atomic_write_bytes(folder / "model.safetensors", save(tensors, metadata={"format": "pt"}))
+    atomic_write_bytes(folder / "config.json", json.dumps(dict(config), indent=2, default=str).encode())
     return folder / "model.safetensors"
 
 
@@ -49,14 +39,12 @@ class SafetensorsExport(Callback):
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         best = getattr(trainer.checkpoint_callback, "best_model_path", "")
         if best and Path(best).is_file():
-            state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
-            current = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
-            pl_module.load_state_dict(state)
-            path = export_safetensors(pl_module, self.dirpath)
-            pl_module.load_state_dict(current)
+            checkpoint = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
+            state = {k[len("model.") :]: v for k, v in checkpoint.items() if k.startswith("model.")}
         else:
-            path = export_safetensors(pl_module, self.dirpath)
-        print(f"Exported weights to {path}")
+            state = pl_module.model.state_dict()
+        config = {k: v for k, v in dict(pl_module.hparams).items() if k != "output_dir"}
+        print(f"Exported weights to {write_export(self.dirpath, config, state)}")
 
 
 class ValidationOverlays(Callback):

@@ -10,14 +10,13 @@ the same layout the training run exports, so `evaluate.py checkpoint=DST` and fi
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from backbones.checkpoint import resolve_checkpoint
-from model.callbacks import atomic_write_bytes
+from model.callbacks import write_export
 from model.segmenter import Segmenter
 
 CRITERIA = {
@@ -58,15 +57,10 @@ def convert(name_or_path: str, revision: str | None = None) -> tuple[dict[str, A
 
 def save(config: dict[str, Any], state_dict: dict[str, torch.Tensor], folder: str | Path) -> Path:
     """Check the weights load strictly into the configured model, then write both files atomically."""
-    from safetensors.torch import save as save_bytes
-
     model = Segmenter.from_config({**config["model"], "num_classes": config["metadata"]["num_classes"]})
     model.load_state_dict(state_dict, strict=True)
-    folder = Path(folder)
-    tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
-    atomic_write_bytes(folder / "model.safetensors", save_bytes(tensors, metadata={"format": "pt"}))
-    atomic_write_bytes(folder / "config.json", json.dumps(config, indent=2).encode())
-    return folder
+    write_export(folder, config, state_dict)
+    return Path(folder)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -183,7 +183,7 @@ class SegmentationModule(LightningModule):
 
     @staticmethod
     def _write_metrics(path: Path, results: Mapping[str, float]) -> None:
-        from model.callbacks import atomic_write_bytes
+        from evaluation.base import atomic_write_bytes
 
         clean = {k: (None if v != v else float(v)) for k, v in results.items()}  # NaN -> null
         atomic_write_bytes(path, json.dumps(clean, indent=2).encode())
