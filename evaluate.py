@@ -10,8 +10,8 @@ import hydra
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from model.build import build_datamodule, container, metadata_dict
-from model.loading import load_module
+from densepred.engine.build import build_datamodule, container, metadata_dict
+from densepred.engine.loading import load_module
 
 
 @hydra.main(config_path="configs", config_name="evaluate", version_base="1.3")

@@ -17,12 +17,12 @@ from torchvision import tv_tensors
 from torchvision.io import write_png
 from torchvision.transforms import v2
 
-from data.collate import Collate
-from data.image_io import read_image
-from evaluation.base import atomic_write_bytes
-from model.build import container
-from model.loading import load_module
-from model.overlay import draw_prediction
+from densepred.data.collate import Collate
+from densepred.data.image_io import read_image
+from densepred.evaluation.base import atomic_write_bytes
+from densepred.engine.build import container
+from densepred.engine.loading import load_module
+from densepred.visualization import draw_prediction
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 

@@ -10,7 +10,7 @@ import hydra
 import lightning
 from omegaconf import DictConfig
 
-from model.build import build_datamodule, build_module, build_trainer
+from densepred.engine.build import build_datamodule, build_module, build_trainer
 
 
 @hydra.main(config_path="configs", config_name="train", version_base="1.3")

@@ -41,7 +41,7 @@ class ConvNeXtBackbone(Backbone):
             in_channels=in_channels,
         )
         self._set_config(
-            "backbones.ConvNeXtBackbone", depths=list(depths), dims=list(dims), drop_path_rate=drop_path_rate,
+            "densepred.backbones.ConvNeXtBackbone", depths=list(depths), dims=list(dims), drop_path_rate=drop_path_rate,
             layer_scale_init_value=layer_scale_init_value, freeze_at=freeze_at, in_channels=in_channels,
         )
         net = TimmConvNeXt(

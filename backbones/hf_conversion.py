@@ -108,7 +108,7 @@ def native_backbone_from_hf_config(config: Mapping[str, Any]) -> tuple[str, dict
     """A transformers ResNet / Swin / ConvNeXt (or MaskFormer-Swin) config dict -> (`_target_`, constructor kwargs).
 
     The kwargs rebuild the same architecture natively (with the config's `out_features`), e.g.
-    `("backbones.SwinBackbone", {"embed_dim": 96, "depths": [2, 2, 6, 2], ...})`. Settings the native
+    `("densepred.backbones.SwinBackbone", {"embed_dim": 96, "depths": [2, 2, 6, 2], ...})`. Settings the native
     models do not implement (e.g. Swin absolute position embeddings) raise a ValueError naming the key.
     """
     model_type = config.get("model_type")
@@ -119,7 +119,7 @@ def native_backbone_from_hf_config(config: Mapping[str, Any]) -> tuple[str, dict
         layer_type = config.get("layer_type", "bottleneck")
         if layer_type not in ("basic", "bottleneck"):
             raise ValueError(f"config.json sets layer_type={layer_type!r}; expected 'basic' or 'bottleneck'")
-        return "backbones.ResNetBackbone", {
+        return "densepred.backbones.ResNetBackbone", {
             "block": layer_type,
             "layers": list(config.get("depths", [3, 4, 6, 3])),
             "stage_channels": list(config.get("hidden_sizes", [256, 512, 1024, 2048])),
@@ -132,7 +132,7 @@ def native_backbone_from_hf_config(config: Mapping[str, Any]) -> tuple[str, dict
         _require(config, "use_absolute_embeddings", False, False)
         _require(config, "hidden_act", "gelu", "gelu")
         _require(config, "layer_norm_eps", 1e-5, 1e-5)
-        return "backbones.SwinBackbone", {
+        return "densepred.backbones.SwinBackbone", {
             "embed_dim": config.get("embed_dim", 96),
             "depths": list(config.get("depths", [2, 2, 6, 2])),
             "num_heads": list(config.get("num_heads", [3, 6, 12, 24])),
@@ -148,7 +148,7 @@ def native_backbone_from_hf_config(config: Mapping[str, Any]) -> tuple[str, dict
         _require(config, "hidden_act", "gelu", "gelu")
         depths = list(config.get("depths", [3, 3, 9, 3]))
         _require(config, "num_stages", len(depths), len(depths))
-        return "backbones.ConvNeXtBackbone", {
+        return "densepred.backbones.ConvNeXtBackbone", {
             "depths": depths,
             "dims": list(config.get("hidden_sizes", [96, 192, 384, 768])),
             "layer_scale_init_value": config.get("layer_scale_init_value", 1e-6) or None,

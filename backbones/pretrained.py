@@ -34,10 +34,10 @@ logger = logging.getLogger(__name__)
 
 # The only classes a config.json may name: a checkpoint never chooses arbitrary code to run.
 TARGETS: dict[str, type[Backbone]] = {
-    "backbones.ResNetBackbone": ResNetBackbone,
-    "backbones.SwinBackbone": SwinBackbone,
-    "backbones.ConvNeXtBackbone": ConvNeXtBackbone,
-    "backbones.TimmBackbone": TimmBackbone,
+    "densepred.backbones.ResNetBackbone": ResNetBackbone,
+    "densepred.backbones.SwinBackbone": SwinBackbone,
+    "densepred.backbones.ConvNeXtBackbone": ConvNeXtBackbone,
+    "densepred.backbones.TimmBackbone": TimmBackbone,
 }
 
 

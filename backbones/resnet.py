@@ -63,7 +63,7 @@ class ResNetBackbone(Backbone):
             in_channels=in_channels,
         )
         self._set_config(
-            "backbones.ResNetBackbone", block=block_name, layers=list(layers), norm=norm, drop_path_rate=drop_path_rate,
+            "densepred.backbones.ResNetBackbone", block=block_name, layers=list(layers), norm=norm, drop_path_rate=drop_path_rate,
             freeze_at=freeze_at, in_channels=in_channels, stage_channels=list(stage_channels), stem_channels=stem_channels,
         )
         self.conv1 = nn.Conv2d(in_channels, stem_channels, kernel_size=7, stride=2, padding=3, bias=False)

@@ -149,7 +149,7 @@ class SwinBackbone(Backbone):
             in_channels=in_channels,
         )
         self._set_config(
-            "backbones.SwinBackbone", embed_dim=embed_dim, depths=list(depths), num_heads=list(num_heads),
+            "densepred.backbones.SwinBackbone", embed_dim=embed_dim, depths=list(depths), num_heads=list(num_heads),
             window_size=window_size, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, drop_path_rate=drop_path_rate,
             freeze_at=freeze_at, in_channels=in_channels,
         )

@@ -116,7 +116,7 @@ class TimmBackbone(Backbone):
             in_channels=timm_kwargs.get("in_chans", 3),
         )
         saved = {k: v for k, v in timm_kwargs.items() if k not in ("pretrained_cfg", "pretrained_cfg_overlay")}
-        self._set_config("backbones.TimmBackbone", model_name=architecture, **{**model_args, **saved})
+        self._set_config("densepred.backbones.TimmBackbone", model_name=architecture, **{**model_args, **saved})
         self.model_name = model_name
         self.model = model
         self.channels_last_output = getattr(model, "output_fmt", "NCHW") == "NHWC"

@@ -20,7 +20,7 @@ import time
 import timm
 import torch
 
-from backbones import AutoBackbone, list_backbones
+from densepred.backbones import AutoBackbone, list_backbones
 
 SWIN_TIMM = {
     "swin_tiny": "swin_tiny_patch4_window7_224",

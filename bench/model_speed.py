@@ -47,9 +47,9 @@ from transformers import (
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from bench.backbone_speed import cpu_name  # noqa: E402
-from model.convert_mask2former import convert_mask2former  # noqa: E402
-from model.convert_maskformer import convert_maskformer  # noqa: E402
-from model.segmenter import Segmenter  # noqa: E402
+from densepred.convert.mask2former import convert_mask2former  # noqa: E402
+from densepred.convert.maskformer import convert_maskformer  # noqa: E402
+from densepred.segmenter import Segmenter  # noqa: E402
 
 STAGES = ["stage1", "stage2", "stage3", "stage4"]
 NUM_CLASSES = 133  # COCO panoptic

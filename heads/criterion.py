@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import sigmoid_focal_loss as torchvision_sigmoid_focal_loss
 
-from heads.matcher import COST_TYPES, HungarianMatcher
-from heads.point_sampling import point_sample, sample_uncertain_points
+from densepred.heads.matcher import COST_TYPES, HungarianMatcher
+from densepred.heads.point_sampling import point_sample, sample_uncertain_points
 
 
 def sigmoid_ce_loss(logits: torch.Tensor, targets: torch.Tensor, num_masks: torch.Tensor) -> torch.Tensor:

@@ -14,9 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from heads.mlp import MLP
-from necks.base import NeckOutput
-from necks.pixel_decoder import PositionEmbeddingSine
+from densepred.layers import MLP
+from densepred.layers import NeckOutput
+from densepred.layers import PositionEmbeddingSine
 
 
 class DetrDecoderLayer(nn.Module):

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from torch import nn
 
-from heads.point_sampling import point_sample
+from densepred.heads.point_sampling import point_sample
 
 COST_TYPES = ("point", "full")
 # Mask and class logits are clamped to this range before costing: +-inf would give inf * 0 = NaN in the

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torchvision.ops import FeaturePyramidNetwork
 
-from .base import NeckOutput
+from densepred.layers import NeckOutput
 from .pixel_decoder import check_pyramid
 
 

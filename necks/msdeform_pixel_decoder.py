@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from necks.base import NeckOutput
-from necks.ms_deform_attn import MSDeformAttn
-from necks.pixel_decoder import PositionEmbeddingSine
+from densepred.layers import NeckOutput
+from densepred.necks.ms_deform_attn import MSDeformAttn
+from densepred.layers import PositionEmbeddingSine
 
 
 class MSDeformAttnEncoderLayer(nn.Module):

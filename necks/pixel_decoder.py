@@ -6,14 +6,10 @@ map goes through a 3x3 conv (GroupNorm, ReLU), then each finer level adds its 1x
 conv on the finest (stride-4) output gives the mask features. The transformer variant first runs a
 post-norm transformer encoder (sine positions) over the projected coarsest map; its output is the
 transformer decoder's input.
-
-The sine position embedding of DETR / MaskFormer lives here too (`PositionEmbeddingSine`); the MaskFormer
-head imports it.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
@@ -21,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import Conv2dNormActivation
 
-from .base import NeckOutput
+from densepred.layers import NeckOutput, PositionEmbeddingSine
 
 
 def check_pyramid(in_channels: Sequence[int], in_strides: Sequence[int], neck: str) -> None:
@@ -37,38 +33,6 @@ def check_pyramid(in_channels: Sequence[int], in_strides: Sequence[int], neck: s
             f"stride 4); got strides {list(in_strides)}. Select e.g. "
             "backbone.out_features=[stage1,stage2,stage3,stage4]."
         )
-
-
-class PositionEmbeddingSine(nn.Module):
-    """DETR's sine position embedding of a map, the same for every image (no padding mask).
-
-    (B, C, H, W) -> (1, 2 * num_pos_feats, H, W): y features first, then x; each alternates sin and cos.
-    """
-
-    def __init__(
-        self, num_pos_feats: int = 128, temperature: float = 10000.0, normalize: bool = True, scale: float = 2 * math.pi
-    ) -> None:
-        super().__init__()
-        self.num_pos_feats = num_pos_feats
-        self.temperature = temperature
-        self.normalize = normalize
-        self.scale = scale
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        height, width = x.shape[-2:]
-        y_embed = torch.arange(1, height + 1, device=x.device, dtype=torch.float32)[:, None].expand(height, width)
-        x_embed = torch.arange(1, width + 1, device=x.device, dtype=torch.float32)[None, :].expand(height, width)
-        if self.normalize:
-            eps = 1e-6
-            y_embed = y_embed / (height + eps) * self.scale
-            x_embed = x_embed / (width + eps) * self.scale
-        dim_t = torch.arange(self.num_pos_feats, device=x.device, dtype=torch.float32)
-        dim_t = self.temperature ** (2 * torch.div(dim_t, 2, rounding_mode="floor") / self.num_pos_feats)
-        pos_x = x_embed[..., None] / dim_t
-        pos_y = y_embed[..., None] / dim_t
-        pos_x = torch.stack((pos_x[..., 0::2].sin(), pos_x[..., 1::2].cos()), dim=-1).flatten(-2)
-        pos_y = torch.stack((pos_y[..., 0::2].sin(), pos_y[..., 1::2].cos()), dim=-1).flatten(-2)
-        return torch.cat((pos_y, pos_x), dim=-1).permute(2, 0, 1)[None].to(x.dtype)
 
 
 class TransformerEncoderLayer(nn.Module):

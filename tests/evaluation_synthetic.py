@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 from torchvision.ops import masks_to_boxes
 
-from evaluation.panoptic import id_to_rgb
+from densepred.evaluation.panoptic import id_to_rgb
 
 INSTANCE_CATEGORIES = [{"id": 1, "name": "cat"}, {"id": 3, "name": "dog"}, {"id": 7, "name": "bird"}]
 PANOPTIC_CATEGORIES = [

@@ -7,7 +7,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
-from backbones import Backbone
+from densepred.backbones import Backbone
 
 ROOT = Path(__file__).resolve().parents[1]
 BACKBONE_CONFIGS = sorted(p.stem for p in (ROOT / "configs" / "backbone").glob("*.yaml"))

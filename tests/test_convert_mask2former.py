@@ -9,9 +9,9 @@ import torch
 from safetensors.torch import save_file
 from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation, ResNetConfig, SwinConfig
 
-from heads.mask2former import masked_attention_mask
-from model.convert_mask2former import convert_mask2former
-from model.segmenter import Segmenter
+from densepred.heads.mask2former import masked_attention_mask
+from densepred.convert.mask2former import convert_mask2former
+from densepred.segmenter import Segmenter
 
 STAGES = ["stage1", "stage2", "stage3", "stage4"]
 DECODER = dict(
@@ -122,7 +122,7 @@ def test_config_mirrors_the_checkpoint(tmp_path):
     hf_model(swin_config(), enforce_input_projection=True, common_stride=4).save_pretrained(tmp_path)
     config, state_dict = convert_mask2former(str(tmp_path))
     assert config["neck"] == {
-        "_target_": "necks.msdeform_pixel_decoder.MSDeformAttnPixelDecoder",
+        "_target_": "densepred.necks.msdeform_pixel_decoder.MSDeformAttnPixelDecoder",
         "conv_dim": 32,
         "mask_dim": 32,
         "encoder_layers": 2,
@@ -132,7 +132,7 @@ def test_config_mirrors_the_checkpoint(tmp_path):
         "common_stride": 4,
     }
     assert config["head"] == {
-        "_target_": "heads.mask2former.Mask2FormerHead",
+        "_target_": "densepred.heads.mask2former.Mask2FormerHead",
         "hidden_dim": 32,
         "num_queries": 6,
         "num_heads": 4,

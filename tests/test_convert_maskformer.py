@@ -13,8 +13,8 @@ from transformers import (
     SwinConfig,
 )
 
-from model.convert_maskformer import convert_maskformer
-from model.segmenter import Segmenter
+from densepred.convert.maskformer import convert_maskformer
+from densepred.segmenter import Segmenter
 
 STAGES = ["stage1", "stage2", "stage3", "stage4"]
 BACKBONES = {

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from heads.criterion import SetCriterion, average_num_masks, dice_loss, sigmoid_ce_loss, sigmoid_focal_loss
+from densepred.heads.criterion import SetCriterion, average_num_masks, dice_loss, sigmoid_ce_loss, sigmoid_focal_loss
 
 LN2, LN3, LN4, LN4_3 = math.log(2), math.log(3), math.log(4), math.log(4 / 3)
 MASKFORMER = {"mask_loss": "full", "class_weight": 1.0, "mask_weight": 20.0, "dice_weight": 1.0}

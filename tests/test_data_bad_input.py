@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data import BadImageError, CocoInstanceDataset, CocoPanopticDataset, DataError, DataModule
-from data.image_io import read_image
+from densepred.data import BadImageError, CocoInstanceDataset, CocoPanopticDataset, DataError, DataModule
+from densepred.data.image_io import read_image
 
 SQUARE = [[2, 2, 12, 2, 12, 12, 2, 12]]
 
@@ -205,7 +205,7 @@ def test_config_mistakes_name_the_key(tmp_path):
 
 
 def test_label_folder_image_without_label_is_left_out_and_counted(tmp_path):
-    from data import SemanticFolderDataset
+    from densepred.data import SemanticFolderDataset
 
     (tmp_path / "img").mkdir(), (tmp_path / "ann").mkdir()
     write_images(tmp_path / "img", ["a.jpg", "b.jpg"])

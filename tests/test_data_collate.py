@@ -2,8 +2,8 @@
 
 import torch
 
-from data import Collate
-from data.collate import IMAGENET_MEAN, IMAGENET_STD
+from densepred.data import Collate
+from densepred.data.collate import IMAGENET_MEAN, IMAGENET_STD
 
 
 def sample(h, w, n, image_id, semantic=False):

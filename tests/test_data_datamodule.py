@@ -11,8 +11,8 @@ from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from omegaconf import OmegaConf
 from torch.utils.data import DistributedSampler
 
-from data import DataModule, ensure_synthetic
-from data.synthetic import generate_synthetic
+from densepred.data import DataModule, ensure_synthetic
+from densepred.data.synthetic import generate_synthetic
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = {"num_train": 10, "num_val": 6, "min_size": 64, "max_size": 96, "seed": 1}

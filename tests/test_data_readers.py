@@ -10,10 +10,10 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
-from data import CocoInstanceDataset, CocoPanopticDataset, DatasetMetadata, SemanticFolderDataset, generate_synthetic
-from data.coco_json import read_categories
-from data.coco_panoptic import rgb2id
-from data.records import SerializedList
+from densepred.data import CocoInstanceDataset, CocoPanopticDataset, DatasetMetadata, SemanticFolderDataset, generate_synthetic
+from densepred.data.coco_json import read_categories
+from densepred.data.coco_panoptic import rgb2id
+from densepred.data.records import SerializedList
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,8 @@ import torch
 from PIL import Image
 from torchvision import tv_tensors
 
-from data import CocoInstanceDataset, DataError, build_transform
-from data.transforms import LargeScaleJitter
+from densepred.data import CocoInstanceDataset, DataError, build_transform
+from densepred.data.transforms import LargeScaleJitter
 
 H, W = 120, 160
 SQUARE = (20, 50, 30, 70)  # y1, y2, x1, x2 (exclusive) of the red square, a thing; a blue bar at the right edge

@@ -14,7 +14,7 @@ import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from evaluation import COCOInstanceEvaluator
+from densepred.evaluation import COCOInstanceEvaluator
 from evaluation_synthetic import make_coco_instances
 
 NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")

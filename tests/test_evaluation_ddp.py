@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from evaluation import COCOInstanceEvaluator, PanopticEvaluator, SemanticEvaluator
+from densepred.evaluation import COCOInstanceEvaluator, PanopticEvaluator, SemanticEvaluator
 from evaluation_synthetic import make_coco_instances, make_panoptic, make_semantic
 
 WORLD_SIZE = 2

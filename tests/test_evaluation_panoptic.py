@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from evaluation import PanopticEvaluator
-from evaluation.panoptic import id_to_rgb, rgb_to_id
+from densepred.evaluation import PanopticEvaluator
+from densepred.evaluation.panoptic import id_to_rgb, rgb_to_id
 from evaluation_synthetic import PANOPTIC_CATEGORIES, make_panoptic
 from reference.panoptic_reference import pq_compute_reference
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardIndex
 
-from evaluation import Evaluator, SemanticEvaluator
+from densepred.evaluation import Evaluator, SemanticEvaluator
 from evaluation_synthetic import make_semantic
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 
-from evaluation.base import atomic_write_json, gather_by_image_id
-from evaluation.table import format_metrics, format_per_class, format_table
+from densepred.evaluation.base import atomic_write_json, gather_by_image_id
+from densepred.evaluation.table import format_metrics, format_per_class, format_table
 
 
 def test_format_table_aligns_columns():

@@ -12,10 +12,10 @@ import yaml
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from data import DataModule
-from model.build import build_module
-from model.optim import build_adamw
-from model.schedules import build_scheduler
+from densepred.data import DataModule
+from densepred.engine.build import build_module
+from densepred.engine.optim import build_adamw
+from densepred.engine.schedules import build_scheduler
 from tiny_run import ROOT, compose_train, run_script, train_overrides
 
 EXPERIMENTS = sorted(p.stem for p in (ROOT / "configs" / "experiment").glob("*.yaml"))

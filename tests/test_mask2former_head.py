@@ -12,11 +12,11 @@ from transformers.models.mask2former.modeling_mask2former import (
     Mask2FormerTransformerModule,
 )
 
-from backbones.swin import SwinBackbone
-from heads.mask2former import Mask2FormerHead, masked_attention_mask
-from model.segmenter import Segmenter
-from necks.base import NeckOutput
-from necks.msdeform_pixel_decoder import MSDeformAttnPixelDecoder
+from densepred.backbones.swin import SwinBackbone
+from densepred.heads.mask2former import Mask2FormerHead, masked_attention_mask
+from densepred.segmenter import Segmenter
+from densepred.layers import NeckOutput
+from densepred.necks.msdeform_pixel_decoder import MSDeformAttnPixelDecoder
 
 
 def test_attention_mask_blocks_below_half_and_opens_empty_rows():

@@ -7,13 +7,13 @@ import pytest
 import torch
 from transformers import MaskFormerConfig, MaskFormerDetrConfig, MaskFormerForInstanceSegmentation, ResNetConfig
 
-from backbones.resnet import ResNetBackbone
-from heads.maskformer import MaskFormerHead
-from model.convert_maskformer import convert_maskformer_neck_head
-from model.segmenter import Segmenter
-from necks.base import NeckOutput
-from necks.fpn import FPN
-from necks.pixel_decoder import BasePixelDecoder, TransformerEncoderPixelDecoder
+from densepred.backbones.resnet import ResNetBackbone
+from densepred.heads.maskformer import MaskFormerHead
+from densepred.convert.maskformer import convert_maskformer_neck_head
+from densepred.segmenter import Segmenter
+from densepred.layers import NeckOutput
+from densepred.necks.fpn import FPN
+from densepred.necks.pixel_decoder import BasePixelDecoder, TransformerEncoderPixelDecoder
 
 NUM_LAYERS = 3
 

@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from transformers.models.mask2former.modeling_mask2former import Mask2FormerHungarianMatcher
 from transformers.models.maskformer.modeling_maskformer import MaskFormerHungarianMatcher
 
-from heads.matcher import HungarianMatcher, batch_dice_cost, batch_sigmoid_ce_cost, batch_sigmoid_focal_cost
-from heads.point_sampling import point_sample, sample_uncertain_points
+from densepred.heads.matcher import HungarianMatcher, batch_dice_cost, batch_sigmoid_ce_cost, batch_sigmoid_focal_cost
+from densepred.heads.point_sampling import point_sample, sample_uncertain_points
 
 LN2, LN3, LN4, LN4_3 = math.log(2), math.log(3), math.log(4), math.log(4 / 3)
 

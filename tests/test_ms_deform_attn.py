@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from necks.ms_deform_attn import (
+from densepred.necks.ms_deform_attn import (
     MSDeformAttn,
     get_ms_deform_attn_implementation,
     ms_deform_attn_core,
     register_ms_deform_attn_implementation,
 )
-from necks.msdeform_pixel_decoder import MSDeformAttnPixelDecoder
+from densepred.necks.msdeform_pixel_decoder import MSDeformAttnPixelDecoder
 
 SHAPES = [(3, 5), (2, 3), (1, 2)]
 

@@ -7,8 +7,8 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import FrozenBatchNorm2d
 
-from backbones import AutoBackbone, Backbone, list_backbones
-from backbones.swin import SwinBackbone
+from densepred.backbones import AutoBackbone, Backbone, list_backbones
+from densepred.backbones.swin import SwinBackbone
 
 STAGES = ["stem", "stage1", "stage2", "stage3", "stage4"]
 ALL = (0, 1, 2, 3, 4)

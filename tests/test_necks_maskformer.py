@@ -11,8 +11,9 @@ from transformers.models.maskformer.modeling_maskformer import (
     MaskFormerSinePositionEmbedding,
 )
 
-from necks.fpn import FPN
-from necks.pixel_decoder import BasePixelDecoder, PositionEmbeddingSine, TransformerEncoderPixelDecoder
+from densepred.necks.fpn import FPN
+from densepred.layers import PositionEmbeddingSine
+from densepred.necks.pixel_decoder import BasePixelDecoder, TransformerEncoderPixelDecoder
 
 CHANNELS = [16, 24, 40, 48]
 STRIDES = [4, 8, 16, 32]

@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from model.optim import build_adamw, param_groups
-from model.schedules import LRFactor, build_scheduler
+from densepred.engine.optim import build_adamw, param_groups
+from densepred.engine.schedules import LRFactor, build_scheduler
 
 
 class Tiny(nn.Module):

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from heads.postprocess import PostProcessor, instance_inference, panoptic_inference, semantic_inference
+from densepred.heads.postprocess import PostProcessor, instance_inference, panoptic_inference, semantic_inference
 
 LN2, LN3 = math.log(2), math.log(3)
 

@@ -28,10 +28,10 @@ from safetensors.torch import save_file
 from timm.models.convnext import checkpoint_filter_fn as timm_convnext_filter
 from timm.models.swin_transformer import checkpoint_filter_fn
 
-from backbones import AutoBackbone, ConvNeXtBackbone, ResNetBackbone, SwinBackbone, TimmBackbone
-from backbones.convert import main as convert_main
-from backbones.hf_conversion import convert_hf_backbone_state_dict, native_backbone_from_hf_config
-from backbones.inspect import main as inspect_main
+from densepred.backbones import AutoBackbone, ConvNeXtBackbone, ResNetBackbone, SwinBackbone, TimmBackbone
+from densepred.backbones.convert import main as convert_main
+from densepred.backbones.hf_conversion import convert_hf_backbone_state_dict, native_backbone_from_hf_config
+from densepred.backbones.inspect import main as inspect_main
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = [(224, 224), (225, 301)]  # square, and non-square not a multiple of 32
@@ -219,7 +219,7 @@ def test_native_config_of_a_maskformer_swin_and_its_weights():
     )
     reference = randomize_norms(transformers.MaskFormerSwinBackbone(config))
     target, kwargs = native_backbone_from_hf_config(config.to_dict())
-    assert target == "backbones.SwinBackbone"
+    assert target == "densepred.backbones.SwinBackbone"
     ours = SwinBackbone(**kwargs)
     ours.load_state_dict(convert_hf_backbone_state_dict(reference.state_dict(), config.to_dict()), strict=True)
     compare(ours, reference, sizes=SIZES[1:])
@@ -380,7 +380,7 @@ def test_save_pretrained_round_trip(tmp_path, make):
 def test_convert_cli_then_inspect_cli(tmp_path, capsys):
     hf_model("swin", out_indices=[1, 2, 3, 4]).save_pretrained(tmp_path / "hf")
     assert convert_main([str(tmp_path / "hf"), str(tmp_path / "native")]) == 0
-    assert json.loads((tmp_path / "native" / "config.json").read_text())["densepred_backbone"]["_target_"] == "backbones.SwinBackbone"
+    assert json.loads((tmp_path / "native" / "config.json").read_text())["densepred_backbone"]["_target_"] == "densepred.backbones.SwinBackbone"
     assert inspect_main([str(tmp_path / "native"), "--size", "64", "96"]) == 0
     out = capsys.readouterr().out
     assert "* stage3             64     16  (1, 64, 4, 6)" in out and "  stem               16      4  (1, 16, 16, 24)" in out
@@ -390,7 +390,7 @@ def test_convert_cli_then_inspect_cli(tmp_path, capsys):
 
 def test_inspect_runs_as_a_module():
     result = subprocess.run(
-        [sys.executable, "-m", "backbones.inspect", "resnet50", "--size", "512"],
+        [sys.executable, "-m", "densepred.backbones.inspect", "resnet50", "--size", "512"],
         cwd=ROOT, capture_output=True, text=True, timeout=120,
     )
     assert result.returncode == 0, result.stderr

@@ -12,8 +12,8 @@ import transformers
 from safetensors.torch import save_file
 from test_pretrained import hf_model, one_thread  # noqa: F401  (fixture)
 
-from backbones import AutoBackbone, SwinBackbone, TimmBackbone
-from backbones.hf_conversion import native_backbone_from_hf_config
+from densepred.backbones import AutoBackbone, SwinBackbone, TimmBackbone
+from densepred.backbones.hf_conversion import native_backbone_from_hf_config
 
 TINY_SWIN = dict(embed_dim=16, depths=(1, 2, 2, 1), num_heads=(1, 2, 2, 4))
 

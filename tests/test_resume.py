@@ -11,7 +11,7 @@ import pytest
 import torch
 from lightning import Callback
 
-from model.build import build_datamodule, build_module, build_trainer
+from densepred.engine.build import build_datamodule, build_module, build_trainer
 from tiny_run import compose_train, read_metrics, train_overrides
 
 

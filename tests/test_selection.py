@@ -2,8 +2,8 @@
 
 import pytest
 
-from backbones import get_aligned_output_features_output_indices as align
-from backbones import verify_out_features_out_indices as verify
+from densepred.backbones import get_aligned_output_features_output_indices as align
+from densepred.backbones import verify_out_features_out_indices as verify
 
 ABC = ["a", "b", "c"]
 

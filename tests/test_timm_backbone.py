@@ -5,7 +5,7 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from backbones import TimmBackbone
+from densepred.backbones import TimmBackbone
 
 SWIN = "swin_tiny_patch4_window7_224"
 

@@ -17,7 +17,7 @@ from types import ModuleType
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-import model.build  # noqa: F401  (registers the `main_metric` resolver used by configs/train.yaml)
+import densepred.engine.build  # noqa: F401  (registers the `main_metric` resolver used by configs/train.yaml)
 
 ROOT = Path(__file__).resolve().parents[1]
 HEADS = ("mask2former", "maskformer", "mask2former_small")

@@ -20,12 +20,12 @@ from typing import Any
 
 import torch
 
-from backbones.checkpoint import read_hf_checkpoint
-from backbones.hf_conversion import convert_hf_backbone_state_dict, native_backbone_from_hf_config
-from model.key_rules import rename_key
+from densepred.backbones.checkpoint import read_hf_checkpoint
+from densepred.backbones.hf_conversion import convert_hf_backbone_state_dict, native_backbone_from_hf_config
+from densepred.utils.state_dict import rename_key
 
-NECK_TARGET = "necks.pixel_decoder.BasePixelDecoder"
-HEAD_TARGET = "heads.maskformer.MaskFormerHead"
+NECK_TARGET = "densepred.necks.pixel_decoder.BasePixelDecoder"
+HEAD_TARGET = "densepred.heads.maskformer.MaskFormerHead"
 
 BACKBONE_PREFIX = "model.pixel_level_module.encoder."
 NECK_PREFIX = "model.pixel_level_module.decoder."

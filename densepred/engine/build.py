@@ -9,8 +9,8 @@ from lightning import Callback, LightningDataModule, Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf
 
-from model.loading import init_from
-from model.module import SegmentationModule
+from densepred.engine.loading import init_from
+from densepred.engine.module import SegmentationModule
 
 # The metric that picks the best checkpoint for each task (logged as "val/<metric>").
 MAIN_METRIC = {"panoptic": "val/PQ", "instance": "val/segm/AP", "semantic": "val/mIoU"}

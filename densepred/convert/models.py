@@ -1,6 +1,6 @@
 """Convert a transformers MaskFormer / Mask2Former checkpoint once into our format.
 
-    python -m model.convert facebook/mask2former-swin-tiny-coco-panoptic converted/m2f-swin-t [--revision REV]
+    python -m densepred.convert.models facebook/mask2former-swin-tiny-coco-panoptic converted/m2f-swin-t [--revision REV]
 
 DST gets `config.json` (model parts, criterion, class names) and `model.safetensors` (Segmenter weights),
 the same layout the training run exports, so `evaluate.py checkpoint=DST` and fine-tuning
@@ -15,22 +15,22 @@ from typing import Any
 
 import torch
 
-from backbones.checkpoint import resolve_checkpoint
-from model.callbacks import write_export
-from model.segmenter import Segmenter
+from densepred.backbones.checkpoint import resolve_checkpoint
+from densepred.engine.callbacks import write_export
+from densepred.segmenter import Segmenter
 
 CRITERIA = {
-    "mask2former": {"_target_": "heads.criterion.SetCriterion", "mask_loss": "point", "class_weight": 2.0,
+    "mask2former": {"_target_": "densepred.heads.criterion.SetCriterion", "mask_loss": "point", "class_weight": 2.0,
                     "mask_weight": 5.0, "dice_weight": 5.0},
-    "maskformer": {"_target_": "heads.criterion.SetCriterion", "mask_loss": "full", "class_weight": 1.0,
+    "maskformer": {"_target_": "densepred.heads.criterion.SetCriterion", "mask_loss": "full", "class_weight": 1.0,
                    "mask_weight": 20.0, "dice_weight": 1.0},
 }
 
 
 def convert(name_or_path: str, revision: str | None = None) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """(export config, Segmenter state dict) for a transformers MaskFormer or Mask2Former checkpoint."""
-    from model.convert_mask2former import convert_mask2former
-    from model.convert_maskformer import convert_maskformer
+    from densepred.convert.mask2former import convert_mask2former
+    from densepred.convert.maskformer import convert_maskformer
 
     model_type = (resolve_checkpoint(name_or_path, revision).config or {}).get("model_type")
     converters = {"mask2former": convert_mask2former, "maskformer": convert_maskformer}

@@ -13,9 +13,9 @@ import torch
 from hydra.utils import instantiate
 from lightning import LightningModule
 
-from model.optim import build_adamw
-from model.schedules import build_scheduler
-from model.segmenter import Segmenter
+from densepred.engine.optim import build_adamw
+from densepred.engine.schedules import build_scheduler
+from densepred.segmenter import Segmenter
 
 TASKS = ("panoptic", "instance", "semantic")
 # What each training task evaluates (Mask2Former: a panoptic model is also scored on AP and mIoU).
@@ -64,7 +64,7 @@ class SegmentationModule(LightningModule):
 
     # ------------------------------------------------------------------ model
     def _build_postprocessor(self, config: dict) -> torch.nn.Module:
-        from heads.postprocess import PostProcessor
+        from densepred.heads.postprocess import PostProcessor
 
         things = [k for k, c in enumerate(self.metadata["categories"]) if c["isthing"]]
         return PostProcessor(
@@ -131,7 +131,7 @@ class SegmentationModule(LightningModule):
 
     def _build_evaluators(self, dataset: Any) -> dict[str, Any]:
         """The evaluators of this task for `dataset` (its metadata and ground-truth files)."""
-        from evaluation import COCOInstanceEvaluator, PanopticEvaluator, SemanticEvaluator
+        from densepred.evaluation import COCOInstanceEvaluator, PanopticEvaluator, SemanticEvaluator
 
         meta = dataset.metadata
         evaluators: dict[str, Any] = {}
@@ -183,7 +183,7 @@ class SegmentationModule(LightningModule):
 
     @staticmethod
     def _write_metrics(path: Path, results: Mapping[str, float]) -> None:
-        from evaluation.base import atomic_write_bytes
+        from densepred.evaluation.base import atomic_write_bytes
 
         clean = {k: (None if v != v else float(v)) for k, v in results.items()}  # NaN -> null
         atomic_write_bytes(path, json.dumps(clean, indent=2).encode())

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from backbones.base import Backbone
+from densepred.backbones.base import Backbone
 
 
 class Segmenter(nn.Module):

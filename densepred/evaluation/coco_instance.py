@@ -22,7 +22,7 @@ import pycocotools.mask as mask_util
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from evaluation.base import (
+from densepred.evaluation.base import (
     atomic_write_json,
     dataset_id_lookup,
     gather_by_image_id,
@@ -31,7 +31,7 @@ from evaluation.base import (
     percent,
     to_numpy,
 )
-from evaluation.table import format_per_class, format_table
+from densepred.evaluation.table import format_per_class, format_table
 
 logger = logging.getLogger(__name__)
 

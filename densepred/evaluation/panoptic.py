@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from evaluation.base import (
+from densepred.evaluation.base import (
     atomic_write_bytes,
     atomic_write_json,
     dataset_id_lookup,
@@ -40,7 +40,7 @@ from evaluation.base import (
     map_label,
     to_numpy,
 )
-from evaluation.table import format_per_class, format_table
+from densepred.evaluation.table import format_per_class, format_table
 
 logger = logging.getLogger(__name__)
 

@@ -14,12 +14,12 @@ from typing import Any
 
 import torch
 
-from backbones.checkpoint import read_hf_checkpoint
-from backbones.hf_conversion import native_backbone_from_hf_config, split_hf_backbone_state_dict
-from model.key_rules import rename_key
+from densepred.backbones.checkpoint import read_hf_checkpoint
+from densepred.backbones.hf_conversion import native_backbone_from_hf_config, split_hf_backbone_state_dict
+from densepred.utils.state_dict import rename_key
 
-NECK_TARGET = "necks.msdeform_pixel_decoder.MSDeformAttnPixelDecoder"
-HEAD_TARGET = "heads.mask2former.Mask2FormerHead"
+NECK_TARGET = "densepred.necks.msdeform_pixel_decoder.MSDeformAttnPixelDecoder"
+HEAD_TARGET = "densepred.heads.mask2former.Mask2FormerHead"
 
 BACKBONE_PREFIX = "model.pixel_level_module.encoder."
 NECK_PREFIX = "model.pixel_level_module.decoder."

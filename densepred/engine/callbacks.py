@@ -15,8 +15,8 @@ from lightning.pytorch.utilities import rank_zero_only
 from safetensors.torch import save
 from torchvision.io import write_png
 
-from evaluation.base import atomic_write_bytes
-from model.overlay import denormalize, draw_prediction, draw_target
+from densepred.evaluation.base import atomic_write_bytes
+from densepred.visualization import denormalize, draw_prediction, draw_target
 
 
 def write_export(folder: str | Path, config: Mapping[str, Any], state_dict: Mapping[str, torch.Tensor]) -> Path:

@@ -21,8 +21,8 @@ from typing import Any
 import numpy as np
 import pycocotools.mask as mask_util
 
-from evaluation.base import atomic_write_json, gather_by_image_id, is_main_process, to_numpy
-from evaluation.table import format_metrics, format_per_class
+from densepred.evaluation.base import atomic_write_json, gather_by_image_id, is_main_process, to_numpy
+from densepred.evaluation.table import format_metrics, format_per_class
 
 logger = logging.getLogger(__name__)
 

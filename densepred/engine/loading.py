@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
-from model.module import SegmentationModule
+from densepred.engine.module import SegmentationModule
 
 
 def without_pretrained(model_config: Mapping[str, Any]) -> dict[str, Any]:

@@ -1,0 +1,1 @@
+"""Conversion of transformers checkpoints (backbones and whole MaskFormer / Mask2Former models)."""

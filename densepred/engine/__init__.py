@@ -1,0 +1,1 @@
+"""Training engine: the LightningModule, builders, callbacks, optimizer and schedules, loading."""

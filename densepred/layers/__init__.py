@@ -1,0 +1,7 @@
+"""Building blocks shared by necks and heads (both import them; they import neither)."""
+
+from densepred.layers.mlp import MLP
+from densepred.layers.neck_output import NeckOutput
+from densepred.layers.position_embedding import PositionEmbeddingSine
+
+__all__ = ["MLP", "NeckOutput", "PositionEmbeddingSine"]
