@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import sigmoid_focal_loss as torchvision_sigmoid_focal_loss
 
-from densepred.heads.matcher import COST_TYPES, HungarianMatcher
-from densepred.heads.point_sampling import point_sample, sample_uncertain_points
+from densepred.heads.matcher import HungarianMatcher, check_mask_loss
+from densepred.heads.point_sampling import check_sampling_ratios, point_sample, sample_uncertain_points
 
 
 def sigmoid_ce_loss(logits: torch.Tensor, targets: torch.Tensor, num_masks: torch.Tensor) -> torch.Tensor:
@@ -91,20 +91,16 @@ class SetCriterion(nn.Module):
         focal_gamma: float = 2.0,
     ) -> None:
         """`matcher` defaults to a HungarianMatcher whose costs are the loss weights, of the same kind
-        (`cost_type=mask_loss`) and point count, as in both official implementations."""
+        (`mask_loss`) and point count, as in both official implementations."""
         super().__init__()
-        if mask_loss not in COST_TYPES:
-            raise ValueError(f"criterion mask_loss must be one of {COST_TYPES}, got {mask_loss!r}.")
-        if oversample_ratio < 1:
-            raise ValueError(f"criterion oversample_ratio must be >= 1, got {oversample_ratio}.")
-        if not 0 <= importance_sample_ratio <= 1:
-            raise ValueError(f"criterion importance_sample_ratio must be in [0, 1], got {importance_sample_ratio}.")
+        check_mask_loss(mask_loss, "criterion")
+        check_sampling_ratios(oversample_ratio, importance_sample_ratio, "criterion")
         self.num_classes = num_classes
         self.matcher = matcher or HungarianMatcher(
             cost_class=class_weight,
             cost_mask=mask_weight,
             cost_dice=dice_weight,
-            cost_type=mask_loss,
+            mask_loss=mask_loss,
             num_points=num_points,
             focal_alpha=focal_alpha,
             focal_gamma=focal_gamma,

@@ -90,14 +90,14 @@ class MaskFormerHead(nn.Module):
         dim_feedforward: int = 2048,
         num_layers: int = 6,
         dropout: float = 0.1,
-        enforce_input_proj: bool = False,
+        enforce_input_project: bool = False,
     ) -> None:
         super().__init__()
         self.num_classes = num_classes
         self.num_queries = num_queries
         self.position_embedding = PositionEmbeddingSine(hidden_dim // 2, normalize=True)
         self.query_embed = nn.Embedding(num_queries, hidden_dim)
-        if in_channels != hidden_dim or enforce_input_proj:
+        if in_channels != hidden_dim or enforce_input_project:
             self.input_proj = nn.Conv2d(in_channels, hidden_dim, kernel_size=1)
             nn.init.kaiming_uniform_(self.input_proj.weight, a=1)
             nn.init.zeros_(self.input_proj.bias)

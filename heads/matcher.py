@@ -25,7 +25,13 @@ from torch import nn
 
 from densepred.heads.point_sampling import point_sample
 
-COST_TYPES = ("point", "full")
+MASK_LOSSES = ("point", "full")
+
+
+def check_mask_loss(mask_loss: str, owner: str) -> None:
+    """`mask_loss` (matcher cost and criterion loss): "point" (sampled points) or "full" (every pixel)."""
+    if mask_loss not in MASK_LOSSES:
+        raise ValueError(f"{owner} mask_loss must be one of {MASK_LOSSES}, got {mask_loss!r}.")
 # Mask and class logits are clamped to this range before costing: +-inf would give inf * 0 = NaN in the
 # pair-wise sums, while sigmoid / softmax are already saturated far below it.
 LOGIT_LIMIT = 1e4
@@ -72,7 +78,7 @@ def batch_dice_cost(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor
 class HungarianMatcher(nn.Module):
     """One-to-one assignment of queries to targets minimising the matching cost (defaults: Mask2Former).
 
-    MaskFormer's official setting is `cost_class=1.0, cost_mask=20.0, cost_dice=1.0, cost_type="full"`.
+    MaskFormer's official setting is `cost_class=1.0, cost_mask=20.0, cost_dice=1.0, mask_loss="full"`.
     """
 
     def __init__(
@@ -80,14 +86,13 @@ class HungarianMatcher(nn.Module):
         cost_class: float = 2.0,
         cost_mask: float = 5.0,
         cost_dice: float = 5.0,
-        cost_type: str = "point",
+        mask_loss: str = "point",
         num_points: int = 12544,
         focal_alpha: float = 0.25,
         focal_gamma: float = 2.0,
     ) -> None:
         super().__init__()
-        if cost_type not in COST_TYPES:
-            raise ValueError(f"matcher cost_type must be one of {COST_TYPES}, got {cost_type!r}.")
+        check_mask_loss(mask_loss, "matcher")
         if cost_class == 0 and cost_mask == 0 and cost_dice == 0:
             raise ValueError("matcher costs cost_class, cost_mask and cost_dice are all 0; set at least one.")
         if num_points < 1:
@@ -95,7 +100,7 @@ class HungarianMatcher(nn.Module):
         self.cost_class = cost_class
         self.cost_mask = cost_mask
         self.cost_dice = cost_dice
-        self.cost_type = cost_type
+        self.mask_loss = mask_loss
         self.num_points = num_points
         self.focal_alpha = focal_alpha
         self.focal_gamma = focal_gamma
@@ -136,7 +141,7 @@ class HungarianMatcher(nn.Module):
         probs = pred_logits.softmax(-1)
         cost_class = -probs.gather(2, padded_labels[:, None, :].expand(-1, num_queries, -1))
 
-        if self.cost_type == "point":
+        if self.mask_loss == "point":
             points = torch.rand(batch_size, self.num_points, 2, device=device)  # shared by all masks of an image
             pred_values = point_sample(pred_masks, points)  # (B, Q, P)
             target_values = point_sample(masks[:, None].float(), points[image])[:, 0]  # (T, P)
@@ -147,7 +152,7 @@ class HungarianMatcher(nn.Module):
         padded_targets = pred_values.new_zeros(batch_size, max_targets, pred_values.shape[-1])
         padded_targets[image, slot] = target_values
 
-        if self.cost_type == "point":
+        if self.mask_loss == "point":
             cost_mask = batch_sigmoid_ce_cost(pred_values, padded_targets)
         else:
             cost_mask = batch_sigmoid_focal_cost(pred_values, padded_targets, self.focal_alpha, self.focal_gamma)

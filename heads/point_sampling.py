@@ -27,6 +27,14 @@ def uncertainty(logits: torch.Tensor) -> torch.Tensor:
     return -logits.abs()
 
 
+def check_sampling_ratios(oversample_ratio: float, importance_sample_ratio: float, owner: str = "point sampling") -> None:
+    """Refuse ratios the uncertain-point sampler cannot use, naming `owner` (e.g. the criterion)."""
+    if oversample_ratio < 1:
+        raise ValueError(f"{owner} oversample_ratio must be >= 1, got {oversample_ratio}.")
+    if not 0 <= importance_sample_ratio <= 1:
+        raise ValueError(f"{owner} importance_sample_ratio must be in [0, 1], got {importance_sample_ratio}.")
+
+
 def sample_uncertain_points(
     logits: torch.Tensor,
     num_points: int,
@@ -41,10 +49,7 @@ def sample_uncertain_points(
     and the rest of the points are drawn uniformly. Random draws happen in this order: candidates, then
     the uniform remainder, as Detectron2's `get_uncertain_point_coords_with_randomness`.
     """
-    if oversample_ratio < 1:
-        raise ValueError(f"oversample_ratio must be >= 1, got {oversample_ratio}.")
-    if not 0 <= importance_sample_ratio <= 1:
-        raise ValueError(f"importance_sample_ratio must be in [0, 1], got {importance_sample_ratio}.")
+    check_sampling_ratios(oversample_ratio, importance_sample_ratio)
     num_masks = logits.shape[0]
     num_candidates = int(num_points * oversample_ratio)
     num_uncertain = int(importance_sample_ratio * num_points)

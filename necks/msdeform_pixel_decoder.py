@@ -77,7 +77,7 @@ class MSDeformAttnPixelDecoder(nn.Module):
     """Pixel decoder of Mask2Former.
 
     in_channels / in_strides: the selected backbone stages, fine to coarse, with strides doubling from
-    `common_stride` (e.g. 4, 8, 16, 32). The last `num_transformer_levels` go through the deformable encoder;
+    `common_stride` (e.g. 4, 8, 16, 32). The last `num_feature_levels` go through the deformable encoder;
     the finer ones become FPN levels. forward: list of (B, C_i, H/s_i, W/s_i) maps -> NeckOutput with
     mask_features (B, mask_dim, H/common_stride, W/common_stride) and multi_scale_features = the encoder
     outputs (B, conv_dim, H/s, W/s) coarse to fine (strides 32, 16, 8).
@@ -89,7 +89,7 @@ class MSDeformAttnPixelDecoder(nn.Module):
         in_strides: Sequence[int],
         conv_dim: int = 256,
         mask_dim: int = 256,
-        num_transformer_levels: int = 3,
+        num_feature_levels: int = 3,
         encoder_layers: int = 6,
         num_heads: int = 8,
         num_points: int = 4,
@@ -101,12 +101,12 @@ class MSDeformAttnPixelDecoder(nn.Module):
     ) -> None:
         super().__init__()
         in_channels, in_strides = list(in_channels), list(in_strides)
-        num_fpn_levels = len(in_channels) - num_transformer_levels
+        num_fpn_levels = len(in_channels) - num_feature_levels
         expected = [common_stride * 2**i for i in range(len(in_strides))]
         if len(in_channels) != len(in_strides) or num_fpn_levels < 1 or in_strides != expected:
             raise ValueError(
-                f"MSDeformAttnPixelDecoder needs backbone stages with strides {expected[: num_transformer_levels + 1]} "
-                f"or more levels doubling from common_stride={common_stride} ({num_transformer_levels} for the "
+                f"MSDeformAttnPixelDecoder needs backbone stages with strides {expected[: num_feature_levels + 1]} "
+                f"or more levels doubling from common_stride={common_stride} ({num_feature_levels} for the "
                 f"deformable encoder and at least one finer FPN level); got in_strides={in_strides}, "
                 f"in_channels={in_channels}. Select them with backbone.out_features, e.g. "
                 "['stage1', 'stage2', 'stage3', 'stage4']."
@@ -115,7 +115,7 @@ class MSDeformAttnPixelDecoder(nn.Module):
             raise ValueError(f"conv_dim={conv_dim} must be divisible by num_groups={num_groups} (GroupNorm)")
         self.mask_dim = mask_dim
         self.out_channels = conv_dim
-        self.num_transformer_levels = num_transformer_levels
+        self.num_feature_levels = num_feature_levels
         self.conv_dim = conv_dim
 
         # coarse to fine, as the encoder sees them
@@ -124,10 +124,10 @@ class MSDeformAttnPixelDecoder(nn.Module):
             for channels in in_channels[num_fpn_levels:][::-1]
         )
         self.position_embedding = PositionEmbeddingSine(conv_dim // 2, normalize=True)
-        self.level_embed = nn.Parameter(torch.empty(num_transformer_levels, conv_dim))
+        self.level_embed = nn.Parameter(torch.empty(num_feature_levels, conv_dim))
         self.encoder_layers = nn.ModuleList(
             MSDeformAttnEncoderLayer(
-                conv_dim, dim_feedforward, dropout, num_transformer_levels, num_heads, num_points, implementation
+                conv_dim, dim_feedforward, dropout, num_feature_levels, num_heads, num_points, implementation
             )
             for _ in range(encoder_layers)
         )
@@ -170,7 +170,7 @@ class MSDeformAttnPixelDecoder(nn.Module):
 
     def _forward(self, features: list[torch.Tensor]) -> NeckOutput:
         features = [f.float() for f in features]
-        levels = self.num_transformer_levels
+        levels = self.num_feature_levels
         coarse = features[-levels:][::-1]  # strides 32, 16, 8
         srcs = [proj(x) for proj, x in zip(self.input_proj, coarse)]
         batch = srcs[0].shape[0]

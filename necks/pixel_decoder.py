@@ -117,7 +117,7 @@ class BasePixelDecoder(nn.Module):
 class TransformerEncoderPixelDecoder(BasePixelDecoder):
     """BasePixelDecoder with a transformer encoder on the coarsest level.
 
-    The coarsest map is projected (1x1 conv) to conv_dim, encoded by `num_layers` post-norm encoder layers
+    The coarsest map is projected (1x1 conv) to conv_dim, encoded by `encoder_layers` post-norm encoder layers
     with sine positions, then enters the FPN; the encoder output (B, conv_dim, H/32, W/32) is the decoder
     input, so `out_channels` is conv_dim.
     """
@@ -128,7 +128,7 @@ class TransformerEncoderPixelDecoder(BasePixelDecoder):
         in_strides: Sequence[int],
         conv_dim: int = 256,
         mask_dim: int = 256,
-        num_layers: int = 6,
+        encoder_layers: int = 6,
         num_heads: int = 8,
         dim_feedforward: int = 2048,
         dropout: float = 0.1,
@@ -141,7 +141,7 @@ class TransformerEncoderPixelDecoder(BasePixelDecoder):
         nn.init.zeros_(self.input_proj.bias)
         self.position_embedding = PositionEmbeddingSine(conv_dim // 2, normalize=True)
         self.encoder_layers = nn.ModuleList(
-            TransformerEncoderLayer(conv_dim, num_heads, dim_feedforward, dropout) for _ in range(num_layers)
+            TransformerEncoderLayer(conv_dim, num_heads, dim_feedforward, dropout) for _ in range(encoder_layers)
         )
         for layer in self.encoder_layers:
             for p in layer.parameters():

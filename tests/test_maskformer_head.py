@@ -101,7 +101,7 @@ def test_output_contract_and_input_projection():
 NECKS = {
     "base": partial(BasePixelDecoder, conv_dim=32, mask_dim=32),
     "transformer": partial(
-        TransformerEncoderPixelDecoder, conv_dim=32, mask_dim=32, num_layers=1, num_heads=4, dim_feedforward=32
+        TransformerEncoderPixelDecoder, conv_dim=32, mask_dim=32, encoder_layers=1, num_heads=4, dim_feedforward=32
     ),
     "fpn": partial(FPN, out_channels=32, mask_dim=32),
 }

@@ -82,7 +82,7 @@ def _full_mode_example():
 
 def test_full_matcher_cost_and_assignment_by_hand():
     outputs, targets = _full_mode_example()
-    matcher = HungarianMatcher(cost_class=1.0, cost_mask=20.0, cost_dice=1.0, cost_type="full")
+    matcher = HungarianMatcher(cost_class=1.0, cost_mask=20.0, cost_dice=1.0, mask_loss="full")
     # Class probabilities: q0 (1/2, 1/4, 1/4), q1 (1/4, 1/2, 1/4), q2 (1/8, 1/8, 3/4); labels t0 = 0, t1 = 1.
     # Mask probabilities: q0 (1/2, 3/4), q1 (3/4, 1/2), q2 (1/4, 1/4).
     focal_a = (0.25 * 0.5**2 * LN2 + 0.75 * 0.75**2 * LN4) / 2  # q0-t0 and q1-t1 (see test above)
@@ -162,7 +162,7 @@ def test_full_matcher_equals_transformers_maskformer_matcher():
     generator = torch.Generator().manual_seed(5)
     class_logits = torch.randn(2, 8, 6, generator=generator)
     mask_logits = torch.randn(2, 8, 16, 16, generator=generator) * 3
-    matcher = HungarianMatcher(1.0, 20.0, 1.0, cost_type="full")
+    matcher = HungarianMatcher(1.0, 20.0, 1.0, mask_loss="full")
     got = matcher({"pred_logits": class_logits, "pred_masks": mask_logits}, targets)
     want = MaskFormerHungarianMatcher(1.0, 20.0, 1.0)(
         mask_logits, class_logits, [t["masks"].float() for t in targets], [t["labels"] for t in targets]
@@ -171,8 +171,8 @@ def test_full_matcher_equals_transformers_maskformer_matcher():
         assert torch.equal(q, q_ref) and torch.equal(t, t_ref)
 
 
-@pytest.mark.parametrize("cost_type", ["point", "full"])
-def test_cost_is_float32_under_autocast(cost_type):
+@pytest.mark.parametrize("mask_loss", ["point", "full"])
+def test_cost_is_float32_under_autocast(mask_loss):
     # Under mixed precision the pair-wise sums would run in bfloat16 / float16; the matcher turns autocast
     # off, as the original, and gives the float32 cost.
     targets = _blob_targets([3, 2], seed=6)
@@ -181,7 +181,7 @@ def test_cost_is_float32_under_autocast(cost_type):
         "pred_logits": torch.randn(2, 5, 6, generator=generator),
         "pred_masks": torch.randn(2, 5, 16, 16, generator=generator).bfloat16(),
     }
-    matcher = HungarianMatcher(num_points=500, cost_type=cost_type)
+    matcher = HungarianMatcher(num_points=500, mask_loss=mask_loss)
     torch.manual_seed(0)
     plain = matcher.cost_matrix(outputs, targets)
     torch.manual_seed(0)
@@ -194,15 +194,15 @@ def test_cost_is_float32_under_autocast(cost_type):
 def test_batch_without_any_target():
     empty = {"labels": torch.zeros(0, dtype=torch.long), "masks": torch.zeros(0, 32, 32, dtype=torch.bool)}
     outputs = {"pred_logits": torch.randn(2, 4, 3), "pred_masks": torch.randn(2, 4, 8, 8)}
-    for cost_type in ("point", "full"):
-        matches = HungarianMatcher(cost_type=cost_type, num_points=50)(outputs, [empty, empty])
+    for mask_loss in ("point", "full"):
+        matches = HungarianMatcher(mask_loss=mask_loss, num_points=50)(outputs, [empty, empty])
         assert [(q.tolist(), t.tolist()) for q, t in matches] == [([], []), ([], [])]
 
 
 def test_nan_predictions_raise_and_infinite_ones_are_clamped():
     outputs, targets = _full_mode_example()
-    for cost_type in ("point", "full"):
-        matcher = HungarianMatcher(cost_type=cost_type, num_points=64)
+    for mask_loss in ("point", "full"):
+        matcher = HungarianMatcher(mask_loss=mask_loss, num_points=64)
         nan_masks = outputs["pred_masks"].clone()
         nan_masks[0, 2, 0, 1] = float("nan")
         with pytest.raises(ValueError, match="NaN.*diverged"):
@@ -222,13 +222,13 @@ def test_nan_predictions_raise_and_infinite_ones_are_clamped():
         inf_outputs = {"pred_logits": inf_logits, "pred_masks": inf_masks}
         assert torch.isfinite(matcher.cost_matrix(inf_outputs, targets)).all()
         [(queries, found)] = matcher(inf_outputs, targets)
-        if cost_type == "full":
+        if mask_loss == "full":
             assert dict(zip(found.tolist(), queries.tolist()))[1] == 2
 
 
 def test_bad_configuration_and_targets_are_clear_errors():
-    with pytest.raises(ValueError, match="cost_type"):
-        HungarianMatcher(cost_type="points")
+    with pytest.raises(ValueError, match="mask_loss"):
+        HungarianMatcher(mask_loss="points")
     with pytest.raises(ValueError, match="all 0"):
         HungarianMatcher(0, 0, 0)
     outputs = {"pred_logits": torch.randn(2, 4, 3), "pred_masks": torch.randn(2, 4, 8, 8)}

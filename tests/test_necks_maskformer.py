@@ -97,7 +97,7 @@ def test_position_embedding_equals_transformers():
 
 def test_transformer_encoder_pixel_decoder_equals_detr_encoder_and_transformers_fpn():
     neck = TransformerEncoderPixelDecoder(
-        CHANNELS, STRIDES, conv_dim=32, mask_dim=24, num_layers=2, num_heads=4, dim_feedforward=48
+        CHANNELS, STRIDES, conv_dim=32, mask_dim=24, encoder_layers=2, num_heads=4, dim_feedforward=48
     ).eval()
     randomize_norms(neck)
     config = DetrConfig(d_model=32, encoder_attention_heads=4, encoder_ffn_dim=48, use_timm_backbone=False)
