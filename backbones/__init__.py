@@ -1,7 +1,8 @@
 """Backbones with the Hugging Face backbone API: native ResNet, Swin, ConvNeXt and any timm model."""
 
-from . import convnext, resnet, swin  # noqa: F401  (registers the native architectures)
-from .auto import AutoBackbone, list_backbones, register_backbone
+from . import convnext, resnet, swin, timm_backbone  # noqa: F401  (each family registers itself in _registry)
+from ._registry import list_backbones, register_backbone
+from .auto import AutoBackbone
 from .base import Backbone, BackboneOutput
 from .checkpoint import LoadReport, load_backbone_state_dict
 from .convnext import ConvNeXtBackbone

@@ -1,26 +1,14 @@
-"""Registry of named native backbones and `AutoBackbone`, the entry point that builds them by name."""
+"""`AutoBackbone`: the entry point that builds a registered native backbone by name, or any supported
+pretrained checkpoint (the registry itself is `_registry`)."""
 
 from __future__ import annotations
 
-import difflib
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from pathlib import Path
 
+from ._registry import create_backbone
 from .base import Backbone
-
-_REGISTRY: dict[str, Callable[..., Backbone]] = {}
-
-
-def register_backbone(fn: Callable[..., Backbone]) -> Callable[..., Backbone]:
-    """Register a factory `fn(out_features=None, out_indices=None, **kwargs) -> Backbone` under its name."""
-    if fn.__name__ in _REGISTRY:
-        raise ValueError(f"backbone {fn.__name__!r} is registered twice")
-    _REGISTRY[fn.__name__] = fn
-    return fn
-
-
-def list_backbones() -> list[str]:
-    """Names accepted by `AutoBackbone.from_config`."""
-    return sorted(_REGISTRY)
+from .pretrained import from_pretrained
 
 
 class AutoBackbone:
@@ -46,14 +34,14 @@ class AutoBackbone:
         `pretrained` (a Hub repo id, a folder or a weights file of the same architecture, in any layout
         `AutoBackbone.from_pretrained` reads) loads weights into the built model; None keeps it random.
         """
-        backbone = AutoBackbone._build(name, out_indices, out_features, kwargs)
+        backbone = create_backbone(name, out_features=out_features, out_indices=out_indices, **kwargs)
         if pretrained is not None:
             backbone.load_pretrained(pretrained, revision=revision)
         return backbone
 
     @staticmethod
     def from_pretrained(
-        name_or_path: str,
+        name_or_path: str | Path,
         out_indices: Sequence[int] | None = None,
         out_features: Sequence[str] | None = None,
         revision: str | None = None,
@@ -63,17 +51,4 @@ class AutoBackbone:
         folder; architecture from its config.json), a timm Hub repo, folder or model name, a folder
         written by `save_pretrained`, or a weights file with `architecture=<name>`. Without a selection,
         the checkpoint's own (`out_features` of config.json) is kept; kwargs override constructor args."""
-        from .pretrained import from_pretrained
-
         return from_pretrained(str(name_or_path), out_indices, out_features, revision, **kwargs)
-
-    @staticmethod
-    def _build(name: str, out_indices, out_features, kwargs: dict) -> Backbone:
-        if name not in _REGISTRY:
-            close = difflib.get_close_matches(name, _REGISTRY, n=3)
-            hint = f" Did you mean {close}?" if close else ""
-            raise ValueError(
-                f"unknown backbone {name!r}.{hint} Registered: {list_backbones()}. "
-                "Any timm model is available through backbones.TimmBackbone(model_name)."
-            )
-        return _REGISTRY[name](out_features=out_features, out_indices=out_indices, **kwargs)

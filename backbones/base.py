@@ -5,11 +5,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 
+from .checkpoint import LoadReport, save_backbone
+from .pretrained import load_pretrained as _load_pretrained
 from .selection import get_aligned_output_features_output_indices
 
 
@@ -27,7 +30,13 @@ class Backbone(nn.Module):
     up each stage (`stage_modules`) and compute the selected maps (`forward_features`). This class
     keeps `out_features` / `out_indices` aligned and verified, reports `channels` and `strides` of
     the selection for necks and heads, and freezes early stages.
+
+    `family` ("resnet", "swin", "convnext", "timm") tells loaders which checkpoint layouts apply;
+    `config_target` is the `_target_` a saved config.json names (the key of `_registry.register_class`).
     """
+
+    family: ClassVar[str | None] = None
+    config_target: ClassVar[str | None] = None
 
     def __init__(
         self,
@@ -42,8 +51,8 @@ class Backbone(nn.Module):
         if not len(stage_names) == len(stage_channels) == len(stage_strides):
             raise ValueError("stage_names, stage_channels and stage_strides must have one entry per stage")
         self.stage_names = list(stage_names)
-        self.out_feature_channels = dict(zip(self.stage_names, (int(c) for c in stage_channels)))
-        self.out_feature_strides = dict(zip(self.stage_names, (int(s) for s in stage_strides)))
+        self.out_feature_channels = dict(zip(self.stage_names, (int(c) for c in stage_channels), strict=True))
+        self.out_feature_strides = dict(zip(self.stage_names, (int(s) for s in stage_strides), strict=True))
         self.in_channels = in_channels
         self.frozen_stages = 0  # stages [0, frozen_stages) are frozen
         self._out_features, self._out_indices = get_aligned_output_features_output_indices(
@@ -51,9 +60,11 @@ class Backbone(nn.Module):
         )
 
     # ---- description for saving -----------------------------------------------------------------
-    def _set_config(self, target: str, **kwargs: Any) -> None:
-        """Record the import path and constructor arguments (JSON values) that rebuild this backbone."""
-        self._config = {"_target_": target, **kwargs}
+    def _set_config(self, **kwargs: Any) -> None:
+        """Record the constructor arguments (JSON values) that, with `config_target`, rebuild this backbone."""
+        if self.config_target is None:
+            raise TypeError(f"{type(self).__name__} has no config_target: set the class attribute to save it")
+        self._config = {"_target_": self.config_target, **kwargs}
 
     @property
     def config(self) -> dict[str, Any]:
@@ -65,16 +76,12 @@ class Backbone(nn.Module):
     def save_pretrained(self, folder: str | Path) -> Path:
         """Write `config.json` (`config`) and `model.safetensors` to `folder`; reload with
         `AutoBackbone.from_pretrained(folder)`."""
-        from .checkpoint import save_backbone
-
         return save_backbone(self, folder)
 
-    def load_pretrained(self, name_or_path: str, revision: str | None = None):
+    def load_pretrained(self, name_or_path: str | Path, revision: str | None = None) -> LoadReport:
         """Load weights of this architecture from a Hub repo id, a folder or a weights file (any layout
         `AutoBackbone.from_pretrained` reads); returns the `LoadReport` (also kept as `load_report`)."""
-        from .pretrained import load_pretrained
-
-        return load_pretrained(self, str(name_or_path), revision=revision)
+        return _load_pretrained(self, str(name_or_path), revision=revision)
 
     # ---- selection ------------------------------------------------------------------------------
     @property
@@ -111,6 +118,19 @@ class Backbone(nn.Module):
     def selected_positions(self) -> list[int]:
         """Positive positions in `stage_names` of the selected stages, ascending."""
         return [i % len(self.stage_names) for i in self._out_indices]
+
+    # ---- input statistics -----------------------------------------------------------------------
+    @property
+    def pixel_mean(self) -> tuple[float, ...]:
+        """Per-channel RGB mean, in 0-1 units, that the pretrained weights expect (the Segmenter normalises
+        with it). Native backbones: ImageNet's, as their transformers image processors; TimmBackbone: its
+        timm `pretrained_cfg`'s."""
+        return tuple(IMAGENET_DEFAULT_MEAN)
+
+    @property
+    def pixel_std(self) -> tuple[float, ...]:
+        """Per-channel RGB standard deviation, in 0-1 units (see `pixel_mean`)."""
+        return tuple(IMAGENET_DEFAULT_STD)
 
     # ---- description for necks and heads --------------------------------------------------------
     @property

@@ -8,7 +8,7 @@
   value must be a tensor.
 - `load_backbone_state_dict`: load native-layout weights into a backbone, refusing shape mismatches and
   weights of another architecture, and return a `LoadReport` listing what was not loaded.
-- `save_backbone`: `config.json` + `model.safetensors`, each written atomically.
+- `save_backbone`: `config.json` + `model.safetensors`, each written atomically (`densepred.utils.io`).
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import json
 import os
 import pickle
 import re
-import tempfile
 import zipfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -39,6 +38,8 @@ from huggingface_hub.errors import (
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from densepred.utils.io import atomic_write
 
 CONFIG_NAME = "config.json"
 # Weight files of a folder or Hub repo, in order of preference (safetensors first).
@@ -195,7 +196,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 def _as_state_dict(value: Any, source: str) -> dict[str, torch.Tensor]:
     """Unwrap training-checkpoint containers and check that every entry is a named tensor."""
-    while isinstance(value, Mapping) and not _all_tensors(value):
+    while isinstance(value, Mapping) and not all(isinstance(v, torch.Tensor) for v in value.values()):
         inner = next((value[k] for k in WRAPPERS if isinstance(value.get(k), Mapping)), None)
         if inner is None:
             break
@@ -211,10 +212,6 @@ def _as_state_dict(value: Any, source: str) -> dict[str, torch.Tensor]:
     if value and all(key.startswith("module.") for key in value):  # saved from DistributedDataParallel
         value = {key[len("module.") :]: tensor for key, tensor in value.items()}
     return dict(value)
-
-
-def _all_tensors(value: Mapping) -> bool:
-    return all(isinstance(v, torch.Tensor) for v in value.values())
 
 
 def read_weights(checkpoint: Checkpoint) -> dict[str, torch.Tensor]:
@@ -307,26 +304,14 @@ def load_backbone_state_dict(
 
 
 # ---- saving -------------------------------------------------------------------------------------
-def _atomic_write(path: Path, write) -> None:
-    """Call `write(tmp_path)` on a temporary file in `path`'s folder, then move it onto `path`."""
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_backbone(backbone: nn.Module, folder: str | os.PathLike) -> Path:
     """Write `config.json` ({"densepred_backbone": backbone.config}) and `model.safetensors` into `folder`."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     config = {"densepred_backbone": backbone.config}
     tensors = {k: v.detach().contiguous().cpu() for k, v in backbone.state_dict().items()}
-    _atomic_write(folder / "model.safetensors", lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    _atomic_write(folder / CONFIG_NAME, lambda tmp: tmp.write_text(json.dumps(config, indent=2) + "\n"))
+    atomic_write(folder / "model.safetensors", lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    atomic_write(folder / CONFIG_NAME, lambda tmp: tmp.write_text(json.dumps(config, indent=2) + "\n"))
     return folder
 
 

@@ -16,11 +16,15 @@ from timm.layers import LayerNorm2d
 from timm.models.convnext import ConvNeXt as TimmConvNeXt
 from torch import nn
 
-from .auto import register_backbone
+from ._registry import register_backbone, register_class
 from .base import Backbone, OutputNorms
 
 
+@register_class
 class ConvNeXtBackbone(Backbone):
+    family = "convnext"
+    config_target = "densepred.backbones.ConvNeXtBackbone"
+
     def __init__(
         self,
         depths: Sequence[int],
@@ -41,7 +45,7 @@ class ConvNeXtBackbone(Backbone):
             in_channels=in_channels,
         )
         self._set_config(
-            "densepred.backbones.ConvNeXtBackbone", depths=list(depths), dims=list(dims), drop_path_rate=drop_path_rate,
+            depths=list(depths), dims=list(dims), drop_path_rate=drop_path_rate,
             layer_scale_init_value=layer_scale_init_value, freeze_at=freeze_at, in_channels=in_channels,
         )
         net = TimmConvNeXt(

@@ -1,7 +1,7 @@
 """transformers ResNet / Swin / ConvNeXt checkpoints -> native backbones (architecture and weights).
 
 `native_backbone_from_hf_config` reads a transformers backbone config (`config.json` as a dict) and
-returns the native class and its constructor arguments; `convert_hf_backbone_state_dict` renames the
+returns the native class and its constructor arguments; `split_hf_backbone_state_dict` renames the
 weights to the native (timm) layout. Both key layouts are read:
 
 - v4, what Hub files hold: Swin `attention.self.{query,key,value}`, `attention.output.dense`,
@@ -19,10 +19,12 @@ transformers and at the start of stage N + 1 here (timm's layout); q, k, v becom
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import torch
+
+from densepred.utils.state_dict import Rule, pack_qkv, rename_key
 
 # Where each family's weights sit inside the transformers classes (stripped before renaming).
 PREFIXES = {"resnet": ("resnet.",), "swin": ("swin.",), "maskformer-swin": ("model.",), "convnext": ("convnext.",)}
@@ -31,8 +33,6 @@ NOT_BACKBONE = re.compile(
     r"(classifier|pooler|layernorm|decoder|embeddings\.mask_token)\..*|classifier|embeddings\.mask_token"
     r"|.*\.relative_position_index|.*\.attn_mask"
 )
-
-Rule = tuple[str, str | Callable[[re.Match], str]]
 
 
 def _resnet_layer(m: re.Match) -> str:
@@ -173,7 +173,9 @@ def hf_model_type_of(state_dict: Mapping[str, torch.Tensor]) -> str | None:
 def split_hf_backbone_state_dict(
     state_dict: Mapping[str, torch.Tensor], model_type: str, source: str = "checkpoint"
 ) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """Like `convert_hf_backbone_state_dict`, also returning the keys left out as non-backbone weights."""
+    """transformers ResNet / Swin / ConvNeXt weights (bare, classification or *Backbone class, v4 or v5 names,
+    with or without the model prefix) of `model_type` -> (native weights, keys left out as non-backbone
+    weights: classifier, pooler, final norm, recomputed buffers)."""
     if model_type not in RULES:
         native_backbone_from_hf_config({"model_type": model_type})  # raises the unsupported-type error
     rules, prefixes = RULES[model_type], PREFIXES[model_type]
@@ -187,27 +189,12 @@ def split_hf_backbone_state_dict(
         elif match := SWIN_QKV.fullmatch(name):
             qkv.setdefault((match[1], match[2], match[5]), {})[(match[3] or match[4])[0]] = value
         else:
-            converted[_rename(name, rules, key, model_type, source)] = value
+            error = (
+                f"{source}: {key!r} is not a weight of a transformers {model_type} model; is this checkpoint "
+                f"(config.json model_type {model_type!r}) really a {model_type} model?"
+            )
+            converted[rename_key(name, rules, error)] = value
     for (stage, block, kind), parts in qkv.items():
-        if sorted(parts) != ["k", "q", "v"]:
-            raise ValueError(f"{source}: Swin stage {stage} block {block} lacks one of its query/key/value {kind}s")
-        converted[f"layers.{stage}.blocks.{block}.attn.qkv.{kind}"] = torch.cat([parts["q"], parts["k"], parts["v"]])
+        error = f"{source}: Swin stage {stage} block {block} lacks one of its query/key/value {kind}s"
+        converted[f"layers.{stage}.blocks.{block}.attn.qkv.{kind}"] = pack_qkv(parts, error)
     return converted, dropped
-
-
-def _rename(name: str, rules: list[Rule], key: str, model_type: str, source: str) -> str:
-    for pattern, replacement in rules:
-        if match := re.fullmatch(pattern, name):
-            return replacement(match) if callable(replacement) else match.expand(replacement)
-    raise ValueError(
-        f"{source}: {key!r} is not a weight of a transformers {model_type} model; is this checkpoint "
-        f"(config.json model_type {model_type!r}) really a {model_type} model?"
-    )
-
-
-def convert_hf_backbone_state_dict(
-    state_dict: Mapping[str, torch.Tensor], config: Mapping[str, Any]
-) -> dict[str, torch.Tensor]:
-    """transformers ResNet / Swin / ConvNeXt weights (bare, classification or *Backbone class, v4 or v5 names,
-    with or without the model prefix) -> native keys; classifier, pooler and final norm are dropped."""
-    return split_hf_backbone_state_dict(state_dict, config.get("model_type"))[0]

@@ -1,4 +1,4 @@
-"""Print a backbone's stages: `python -m backbones.inspect NAME_OR_PATH [--size H [W]]`.
+"""Print a backbone's stages: `python -m densepred.backbones.inspect NAME_OR_PATH [--size H [W]]`.
 
 NAME_OR_PATH is a native name (`resnet50`, random weights), a timm model name (random weights), or any
 source `AutoBackbone.from_pretrained` reads (Hub repo id, folder, or weights file with --architecture).
@@ -13,9 +13,9 @@ import sys
 import timm
 import torch
 
-from .auto import AutoBackbone, list_backbones
+from ._registry import family_class, list_backbones
+from .auto import AutoBackbone
 from .base import Backbone
-from .timm_backbone import TimmBackbone
 
 
 def build(name_or_path: str, revision: str | None = None, architecture: str | None = None) -> Backbone:
@@ -23,7 +23,7 @@ def build(name_or_path: str, revision: str | None = None, architecture: str | No
     if name_or_path in list_backbones():
         return AutoBackbone.from_config(name_or_path)
     if timm.is_model(name_or_path):
-        return TimmBackbone(name_or_path)
+        return family_class("timm")(name_or_path)
     extra = {"architecture": architecture} if architecture else {}
     return AutoBackbone.from_pretrained(name_or_path, revision=revision, **extra)
 
@@ -46,7 +46,7 @@ def describe(backbone: Backbone, size: tuple[int, int]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m backbones.inspect", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m densepred.backbones.inspect", description=__doc__.splitlines()[0])
     parser.add_argument("name_or_path")
     parser.add_argument("--size", type=int, nargs="+", default=[224], metavar="H [W]", help="input size (default 224)")
     parser.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit)")

@@ -16,15 +16,13 @@ import re
 from collections.abc import Mapping
 
 import torch
+from torch import nn
 
-from .base import Backbone
-from .convnext import ConvNeXtBackbone
+from densepred.utils.state_dict import rename_key
+
 from .hf_conversion import hf_model_type_of, split_hf_backbone_state_dict
-from .resnet import ResNetBackbone
-from .swin import SwinBackbone
 
-FAMILIES = {ResNetBackbone: "resnet", SwinBackbone: "swin", ConvNeXtBackbone: "convnext"}
-# Entries of classification / pretraining checkpoints that are not backbone weights.
+# Entries of classification / pretraining checkpoints that are not backbone weights, per `Backbone.family`.
 SKIPPED = {
     "resnet": re.compile(r"fc\..*"),
     "swin": re.compile(r"(head|norm)\..*|head|.*\.relative_position_index|.*\.attn_mask"),
@@ -39,13 +37,6 @@ ORIGINAL_CONVNEXT_RULES = [
 ]
 
 
-def family_of(backbone: Backbone) -> str:
-    for cls, family in FAMILIES.items():
-        if isinstance(backbone, cls):
-            return family
-    raise ValueError(f"{type(backbone).__name__} is not a native ResNet / Swin / ConvNeXt backbone")
-
-
 def _strip_backbone_prefix(state_dict: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
     """Keep the `backbone.` part of a detector / segmenter checkpoint (prefix removed), skipping the rest."""
     if not any(k.startswith("backbone.") for k in state_dict):
@@ -55,14 +46,17 @@ def _strip_backbone_prefix(state_dict: Mapping[str, torch.Tensor]) -> tuple[dict
 
 
 def to_native_state_dict(
-    state_dict: Mapping[str, torch.Tensor], backbone: Backbone, source: str, hf_model_type: str | None = None
+    state_dict: Mapping[str, torch.Tensor], backbone: nn.Module, source: str, hf_model_type: str | None = None
 ) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """(weights in `backbone`'s native layout, checkpoint keys skipped as non-backbone entries).
+    """(weights in the native layout of `backbone`, a native `Backbone`; checkpoint keys skipped as
+    non-backbone entries).
 
     `hf_model_type` (config.json's model_type) marks a transformers checkpoint; without it the layout is
     recognised from the keys. A checkpoint of another family is refused.
     """
-    family = family_of(backbone)
+    family = getattr(backbone, "family", None)
+    if family not in SKIPPED:
+        raise ValueError(f"{type(backbone).__name__} is not a native ResNet / Swin / ConvNeXt backbone")
     state_dict, skipped = _strip_backbone_prefix(state_dict)
     hf_model_type = hf_model_type or hf_model_type_of(state_dict)
     if hf_model_type is not None:
@@ -85,7 +79,8 @@ def to_native_state_dict(
     if family == "swin":
         converted = _from_original_swin(converted)
     if family == "convnext" and any(k.startswith("downsample_layers.") for k in converted):
-        converted = {_rename(k, ORIGINAL_CONVNEXT_RULES): v for k, v in converted.items()}
+        # keys no rule renames are left for the loader to report as having no place in the backbone
+        converted = {rename_key(k, ORIGINAL_CONVNEXT_RULES): v for k, v in converted.items()}
     return converted, skipped
 
 
@@ -99,10 +94,3 @@ def _from_original_swin(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.
         key = re.sub(r"^norm(\d)\.", lambda m: f"out_norms.stage{int(m[1]) + 1}.", key)
         out[key] = value
     return out
-
-
-def _rename(key: str, rules: list[tuple[str, str]]) -> str:
-    for pattern, replacement in rules:
-        if match := re.fullmatch(pattern, key):
-            return match.expand(replacement)
-    return key  # left for the loader to report as having no place in the backbone

@@ -17,14 +17,18 @@ from timm.layers import freeze_batch_norm_2d
 from timm.models.resnet import BasicBlock, Bottleneck, make_blocks
 from torch import nn
 
-from .auto import register_backbone
+from ._registry import register_backbone, register_class
 from .base import Backbone
 
 NORMS = ("frozen_bn", "bn", "syncbn")
 BLOCKS = {"basic": BasicBlock, "bottleneck": Bottleneck}
 
 
+@register_class
 class ResNetBackbone(Backbone):
+    family = "resnet"
+    config_target = "densepred.backbones.ResNetBackbone"
+
     def __init__(
         self,
         block: str | type[nn.Module],
@@ -63,8 +67,8 @@ class ResNetBackbone(Backbone):
             in_channels=in_channels,
         )
         self._set_config(
-            "densepred.backbones.ResNetBackbone", block=block_name, layers=list(layers), norm=norm, drop_path_rate=drop_path_rate,
-            freeze_at=freeze_at, in_channels=in_channels, stage_channels=list(stage_channels), stem_channels=stem_channels,
+            block=block_name, layers=list(layers), norm=norm, drop_path_rate=drop_path_rate, freeze_at=freeze_at,
+            in_channels=in_channels, stage_channels=list(stage_channels), stem_channels=stem_channels,
         )
         self.conv1 = nn.Conv2d(in_channels, stem_channels, kernel_size=7, stride=2, padding=3, bias=False)
         self.bn1 = nn.BatchNorm2d(stem_channels)

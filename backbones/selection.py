@@ -82,7 +82,7 @@ def verify_out_features_out_indices(
                 f"out_indices {indices} selects a stage twice (as positions {positive}); the {_valid(stage_names)}."
             )
         if positive != sorted(positive):
-            ordered = [i for _, i in sorted(zip(positive, indices))]
+            ordered = [i for _, i in sorted(zip(positive, indices, strict=True))]
             raise ValueError(
                 f"out_indices {indices} must follow the stage order: use {ordered}; the {_valid(stage_names)}."
             )

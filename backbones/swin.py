@@ -24,7 +24,7 @@ from timm.layers import DropPath, Mlp, PatchEmbed
 from timm.models.swin_transformer import PatchMerging, WindowAttention, window_partition, window_reverse
 from torch import nn
 
-from .auto import register_backbone
+from ._registry import register_backbone, register_class
 from .base import Backbone, OutputNorms
 
 
@@ -124,7 +124,11 @@ class SwinStage(nn.Module):
         return x
 
 
+@register_class
 class SwinBackbone(Backbone):
+    family = "swin"
+    config_target = "densepred.backbones.SwinBackbone"
+
     def __init__(
         self,
         embed_dim: int,
@@ -149,7 +153,7 @@ class SwinBackbone(Backbone):
             in_channels=in_channels,
         )
         self._set_config(
-            "densepred.backbones.SwinBackbone", embed_dim=embed_dim, depths=list(depths), num_heads=list(num_heads),
+            embed_dim=embed_dim, depths=list(depths), num_heads=list(num_heads),
             window_size=window_size, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, drop_path_rate=drop_path_rate,
             freeze_at=freeze_at, in_channels=in_channels,
         )
@@ -163,7 +167,7 @@ class SwinBackbone(Backbone):
             strict_img_size=False,
             dynamic_img_pad=True,
         )
-        rates = torch.linspace(0, drop_path_rate, sum(depths)).split(list(depths))
+        rates = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").split(list(depths))  # floats, on any device
         self.layers = nn.ModuleList(
             SwinStage(
                 in_dim=dims[max(i - 1, 0)],

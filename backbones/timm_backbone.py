@@ -23,11 +23,12 @@ from typing import Any
 import timm
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from timm.models import get_pretrained_cfg, load_model_config_from_hf, parse_model_name
 from timm.models._hub import load_model_config_from_path
-from safetensors import SafetensorError
 from torch import nn
 
+from ._registry import register_class
 from .base import Backbone
 from .checkpoint import timm_pretrained_overlay
 
@@ -71,8 +72,12 @@ def _create_features_model(model_name: str, fixed_size: bool, pretrained: bool, 
         ) from error
 
 
+@register_class
 class TimmBackbone(Backbone):
     """Wrap `timm.create_model(model_name, features_only=True, pretrained=..., **timm_kwargs)`."""
+
+    family = "timm"
+    config_target = "densepred.backbones.TimmBackbone"
 
     def __init__(
         self,
@@ -116,11 +121,22 @@ class TimmBackbone(Backbone):
             in_channels=timm_kwargs.get("in_chans", 3),
         )
         saved = {k: v for k, v in timm_kwargs.items() if k not in ("pretrained_cfg", "pretrained_cfg_overlay")}
-        self._set_config("densepred.backbones.TimmBackbone", model_name=architecture, **{**model_args, **saved})
+        self._set_config(model_name=architecture, **{**model_args, **saved})
         self.model_name = model_name
         self.model = model
+        self.pretrained_cfg = dict(getattr(model, "pretrained_cfg", None) or pretrained_cfg)
         self.channels_last_output = getattr(model, "output_fmt", "NCHW") == "NHWC"
         self.pad_multiple = info[0]["reduction"] if fixed_size else 1
+
+    @property
+    def pixel_mean(self) -> tuple[float, ...]:
+        """The timm `pretrained_cfg` mean (0-1 units), ImageNet's where the config has none."""
+        return tuple(float(v) for v in self.pretrained_cfg.get("mean") or super().pixel_mean)
+
+    @property
+    def pixel_std(self) -> tuple[float, ...]:
+        """The timm `pretrained_cfg` std (0-1 units), ImageNet's where the config has none."""
+        return tuple(float(v) for v in self.pretrained_cfg.get("std") or super().pixel_std)
 
     def stage_modules(self) -> list[list[nn.Module]]:
         raise NotImplementedError(

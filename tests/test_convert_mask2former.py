@@ -9,8 +9,8 @@ import torch
 from safetensors.torch import save_file
 from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation, ResNetConfig, SwinConfig
 
-from densepred.heads.mask2former import masked_attention_mask
 from densepred.convert.mask2former import convert_mask2former
+from densepred.heads.mask2former import masked_attention_mask
 from densepred.segmenter import Segmenter
 
 STAGES = ["stage1", "stage2", "stage3", "stage4"]
@@ -75,7 +75,7 @@ def test_converted_model_equals_transformers(tmp_path, backbone_config):
     assert max_diff(ours["pred_logits"], expected.class_queries_logits) <= 1e-4
     assert max_diff(ours["pred_masks"], expected.masks_queries_logits) <= 1e-4
     assert len(ours["aux_outputs"]) == len(expected.auxiliary_logits) == 3
-    for aux, expected_aux in zip(ours["aux_outputs"], expected.auxiliary_logits):
+    for aux, expected_aux in zip(ours["aux_outputs"], expected.auxiliary_logits, strict=True):
         assert max_diff(aux["pred_logits"], expected_aux["class_queries_logits"]) <= 1e-4
         assert max_diff(aux["pred_masks"], expected_aux["masks_queries_logits"]) <= 1e-4
     # masked attention is exercised: the predictions feeding layers 1..3 block part of their level

@@ -84,7 +84,7 @@ def test_converted_model_equals_transformers(tmp_path, backbone):
     assert (got["pred_logits"] - want.class_queries_logits).abs().max() <= 1e-4
     assert (got["pred_masks"] - want.masks_queries_logits).abs().max() <= 1e-4
     assert len(got["aux_outputs"]) == 2 == len(aux)
-    for ours, (logits, masks) in zip(got["aux_outputs"], aux):
+    for ours, (logits, masks) in zip(got["aux_outputs"], aux, strict=True):
         assert (ours["pred_logits"] - logits).abs().max() <= 1e-4
         assert (ours["pred_masks"] - masks).abs().max() <= 1e-4
 

@@ -1,15 +1,19 @@
 """Native ResNet / Swin / ConvNeXt backbones: stages, shapes, selection changes, freezing, equality with timm."""
 
+from pathlib import Path
+
 import pytest
 import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
+from omegaconf import OmegaConf
 from torchvision.ops import FrozenBatchNorm2d
 
 from densepred.backbones import AutoBackbone, Backbone, list_backbones
 from densepred.backbones.swin import SwinBackbone
 
+ROOT = Path(__file__).resolve().parents[1]
 STAGES = ["stem", "stage1", "stage2", "stage3", "stage4"]
 ALL = (0, 1, 2, 3, 4)
 
@@ -22,12 +26,27 @@ FAMILIES = {
 }
 
 
-def test_registry_lists_every_native_variant():
-    assert list_backbones() == sorted(
-        ["resnet18", "resnet34", "resnet50", "resnet101"]
-        + ["swin_tiny", "swin_small", "swin_base", "swin_large", "swin_base_window12", "swin_large_window12"]
-        + ["convnext_tiny", "convnext_small", "convnext_base", "convnext_large"]
-    )
+@pytest.mark.parametrize("name", list_backbones())
+def test_every_registered_backbone_follows_the_contract(name):
+    """Derived from the registry: whatever registers a backbone gets these checks. Built and run on the meta
+    device (shapes only), so the large variants cost no weight initialisation."""
+    with torch.device("meta"), torch.no_grad():
+        model = AutoBackbone.from_config(name).eval()
+        assert isinstance(model, Backbone) and model.family in {"resnet", "swin", "convnext"}
+        assert model.stage_names[0] == "stem" and model.out_features == [model.stage_names[-1]]  # default: last
+        model.out_features = model.stage_names
+        assert model.strides == sorted(model.strides) and model.strides[-1] == 32
+        assert [info["num_chs"] for info in model.feature_info] == model.channels
+        maps = model(torch.empty(1, 3, 64, 96)).feature_maps
+    assert [f.shape[1] for f in maps] == model.channels
+    assert [(f.shape[2], f.shape[3]) for f in maps] == [(64 // s, 96 // s) for s in model.strides]
+
+
+def test_every_backbone_config_builds_a_registered_or_timm_backbone():
+    for path in sorted((ROOT / "configs" / "backbone").glob("*.yaml")):
+        config = OmegaConf.load(path)
+        if config._target_.endswith("AutoBackbone.from_config"):
+            assert config.name in list_backbones(), path.name
 
 
 def test_design_card_example():
@@ -43,12 +62,12 @@ def test_stages_channels_strides_and_shapes(name):
     assert model.out_features == STAGES and model.out_indices == list(ALL)
     assert model.channels == channels
     assert model.strides == [4, 4, 8, 16, 32]
-    assert model.out_feature_channels == dict(zip(STAGES, channels))
+    assert model.out_feature_channels == dict(zip(STAGES, channels, strict=True))
     with torch.no_grad():
         square = model(torch.randn(2, 3, 224, 224)).feature_maps
         odd = model(torch.randn(1, 3, 225, 301)).feature_maps
-    assert [tuple(f.shape) for f in square] == [(2, c, 224 // s, 224 // s) for c, s in zip(channels, model.strides)]
-    assert [tuple(f.shape) for f in odd] == [(1, c, *hw) for c, hw in zip(channels, odd_sizes)]
+    assert [tuple(f.shape) for f in square] == [(2, c, 224 // s, 224 // s) for c, s in zip(channels, model.strides, strict=True)]
+    assert [tuple(f.shape) for f in odd] == [(1, c, *hw) for c, hw in zip(channels, odd_sizes, strict=True)]
     assert all(torch.isfinite(f).all() for f in odd)
 
 

@@ -47,7 +47,11 @@ def test_other_depth_is_refused_naming_the_weights(swin_folder):
 def test_shape_mismatch_names_the_first_key_and_both_shapes(swin_folder):
     wider = SwinBackbone(embed_dim=32, depths=(1, 2, 2, 1), num_heads=(1, 2, 2, 4))
     before = wider.patch_embed.proj.weight.clone()
-    with pytest.raises(ValueError, match=r"weight 'patch_embed\.proj\.weight' has shape \(16, 3, 4, 4\) in the checkpoint but \(32, 3, 4, 4\) in SwinBackbone"):
+    shapes = (
+        r"weight 'patch_embed\.proj\.weight' has shape \(16, 3, 4, 4\) in the checkpoint "
+        r"but \(32, 3, 4, 4\) in SwinBackbone"
+    )
+    with pytest.raises(ValueError, match=shapes):
         wider.load_pretrained(swin_folder)
     assert torch.equal(wider.patch_embed.proj.weight, before)
     with pytest.raises(ValueError, match=r"'patch_embed\.proj\.weight' has shape \(16, 3, 4, 4\).*\(96, 3, 4, 4\)"):

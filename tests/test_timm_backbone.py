@@ -61,7 +61,7 @@ def test_swin_family_takes_any_input_size():
         maps = model(x).feature_maps
         padded = model(F.pad(x, (0, 3, 0, 3))).feature_maps  # what the wrapper does: pad to the patch size
     assert [tuple(m.shape) for m in maps] == [(1, 96, 57, 76), (1, 192, 29, 38), (1, 384, 15, 19), (1, 768, 8, 10)]
-    for a, b in zip(maps, padded):
+    for a, b in zip(maps, padded, strict=True):
         torch.testing.assert_close(a, b)
 
 

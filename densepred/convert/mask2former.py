@@ -9,14 +9,15 @@ Hub repo (e.g. `facebook/mask2former-swin-tiny-coco-panoptic`) and returns a con
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 
 from densepred.backbones.checkpoint import read_hf_checkpoint
 from densepred.backbones.hf_conversion import native_backbone_from_hf_config, split_hf_backbone_state_dict
-from densepred.utils.state_dict import rename_key
+from densepred.convert.labels import class_names
+from densepred.utils.state_dict import Rule, pack_qkv, rename_key
 
 NECK_TARGET = "densepred.necks.msdeform_pixel_decoder.MSDeformAttnPixelDecoder"
 HEAD_TARGET = "densepred.heads.mask2former.Mask2FormerHead"
@@ -26,6 +27,7 @@ NECK_PREFIX = "model.pixel_level_module.decoder."
 HEAD_PREFIX = "model.transformer_module."
 # HF keys that are not model weights (the loss's class weights).
 IGNORED = ("criterion.empty_weight",)
+EXPECTED = "Mask2FormerForUniversalSegmentation"
 
 
 # transformers' Mask2FormerConfig defaults: config.json may leave out keys that keep them.
@@ -59,18 +61,13 @@ def segmenter_config_from_hf(config: Mapping[str, Any]) -> dict[str, Any]:
             "config.json of this Mask2Former checkpoint has no backbone_config (a timm or named backbone); "
             "only checkpoints with a transformers Swin / ResNet / ConvNeXt backbone_config can be converted"
         )
-    if not config.get("id2label"):
-        raise ValueError("config.json has no id2label: the class names (and their number) are needed")
+    names = class_names(config)
     config = {**HF_DEFAULTS, **config}
     for key, supported in (("pre_norm", False), ("activation_function", "relu")):
         if config[key] != supported:
             raise ValueError(
                 f"config.json sets {key}={config[key]!r}; only {key}={supported!r} (the official model) is supported"
             )
-    id2label = {int(k): v for k, v in config["id2label"].items()}
-    num_classes = len(id2label)
-    if sorted(id2label) != list(range(num_classes)):
-        raise ValueError(f"config.json id2label must have the ids 0..{num_classes - 1}, got {sorted(id2label)}")
     target, kwargs = native_backbone_from_hf_config(dict(config["backbone_config"]))
     return {
         "backbone": {"_target_": target, **kwargs},
@@ -94,12 +91,12 @@ def segmenter_config_from_hf(config: Mapping[str, Any]) -> dict[str, Any]:
             "dropout": config["dropout"],
             "enforce_input_project": config["enforce_input_projection"],
         },
-        "num_classes": num_classes,
-        "class_names": [id2label[i] for i in range(num_classes)],
+        "num_classes": len(names),
+        "class_names": names,
     }
 
 
-def _neck_rules(num_fpn_levels: int) -> list[tuple[str, str | Callable[[re.Match], str]]]:
+def _neck_rules(num_fpn_levels: int) -> list[Rule]:
     """(regex on the HF key after `NECK_PREFIX`, our key after `neck.`)."""
     return [
         (r"level_embed", "level_embed"),
@@ -116,7 +113,7 @@ def _neck_rules(num_fpn_levels: int) -> list[tuple[str, str | Callable[[re.Match
     ]
 
 
-HEAD_RULES: list[tuple[str, str]] = [
+HEAD_RULES: list[Rule] = [
     (r"queries_embedder\.weight", "query_embed.weight"),
     (r"queries_features\.weight", "query_feat.weight"),
     (r"level_embed\.weight", "level_embed.weight"),
@@ -141,29 +138,30 @@ def convert_mask2former_state_dict(
     """transformers Mask2FormerForUniversalSegmentation weights -> our `backbone.` / `neck.` / `head.` keys."""
     num_fpn_levels = len({m[1] for k in state_dict if (m := re.match(NECK_PREFIX + r"adapter_(\d+)\.", k))})
     neck_rules = _neck_rules(num_fpn_levels)
-    backbone, out, qkv = {}, {}, {}
+    backbone, out = {}, {}
+    qkv: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
     for key, value in state_dict.items():
         if key in IGNORED:
             continue
         if key.startswith(BACKBONE_PREFIX):
             backbone[key[len(BACKBONE_PREFIX) :]] = value
         elif key.startswith(NECK_PREFIX):
-            out["neck." + rename_key(key[len(NECK_PREFIX) :], neck_rules, source, "Mask2FormerForUniversalSegmentation")] = value
+            name = key[len(NECK_PREFIX) :]
+            error = f"{source}: unexpected weight {name!r}; is this a {EXPECTED} checkpoint?"
+            out["neck." + rename_key(name, neck_rules, error)] = value
         elif key.startswith("class_predictor."):
             out["head.class_embed." + key[len("class_predictor.") :]] = value
         elif key.startswith(HEAD_PREFIX) and (match := SELF_ATTN_QKV.fullmatch(key[len(HEAD_PREFIX) :])):
-            qkv[(match[1], match[3], match[2])] = value
+            qkv.setdefault((match[1], match[3]), {})[match[2]] = value
         elif key.startswith(HEAD_PREFIX):
-            out["head." + rename_key(key[len(HEAD_PREFIX) :], HEAD_RULES, source, "Mask2FormerForUniversalSegmentation")] = value
+            name = key[len(HEAD_PREFIX) :]
+            error = f"{source}: unexpected weight {name!r}; is this a {EXPECTED} checkpoint?"
+            out["head." + rename_key(name, HEAD_RULES, error)] = value
         else:
-            raise ValueError(
-                f"{source}: unexpected weight {key!r}; is this a Mask2FormerForUniversalSegmentation checkpoint?"
-            )
-    for layer, kind in sorted({(layer, kind) for layer, kind, _ in qkv}):
-        parts = [qkv.get((layer, kind, p)) for p in "qkv"]
-        if any(part is None for part in parts):
-            raise ValueError(f"{source}: decoder layer {layer} lacks one of self_attn.{{q,k,v}}_proj.{kind}")
-        out[f"head.layers.{layer}.self_attn.in_proj_{kind}"] = torch.cat(parts, 0)
+            raise ValueError(f"{source}: unexpected weight {key!r}; is this a {EXPECTED} checkpoint?")
+    for (layer, kind), parts in sorted(qkv.items()):
+        error = f"{source}: decoder layer {layer} lacks one of self_attn.{{q,k,v}}_proj.{kind}"
+        out[f"head.layers.{layer}.self_attn.in_proj_{kind}"] = pack_qkv(parts, error)
     backbone, _ = split_hf_backbone_state_dict(backbone, config["backbone_config"].get("model_type"), source)
     return {**{"backbone." + k: v for k, v in backbone.items()}, **out}
 

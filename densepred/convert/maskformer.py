@@ -15,14 +15,15 @@ transformers' MaskFormer always feeds its Swin backbone's four stages to the pix
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 
 from densepred.backbones.checkpoint import read_hf_checkpoint
-from densepred.backbones.hf_conversion import convert_hf_backbone_state_dict, native_backbone_from_hf_config
-from densepred.utils.state_dict import rename_key
+from densepred.backbones.hf_conversion import native_backbone_from_hf_config, split_hf_backbone_state_dict
+from densepred.convert.labels import class_names
+from densepred.utils.state_dict import Rule, pack_qkv, rename_key
 
 NECK_TARGET = "densepred.necks.pixel_decoder.BasePixelDecoder"
 HEAD_TARGET = "densepred.heads.maskformer.MaskFormerHead"
@@ -31,6 +32,7 @@ BACKBONE_PREFIX = "model.pixel_level_module.encoder."
 NECK_PREFIX = "model.pixel_level_module.decoder."
 HEAD_PREFIX = "model.transformer_module."
 IGNORED = ("criterion.empty_weight",)  # the loss's class weights, not model weights
+EXPECTED = "MaskFormerForInstanceSegmentation"
 SWIN_STAGES = ["stage1", "stage2", "stage3", "stage4"]
 
 # transformers' MaskFormerDetrConfig defaults, used where config.json leaves a key out (as transformers does).
@@ -74,10 +76,7 @@ def segmenter_config_from_hf(config: Mapping[str, Any]) -> dict[str, Any]:
                 f"config.json decoder_config sets {key}={decoder[key]!r}; only {DETR_DEFAULTS[key]!r} "
                 "(the official MaskFormer) is supported"
             )
-    id2label = {int(k): v for k, v in config["id2label"].items()}
-    num_classes = len(id2label)
-    if sorted(id2label) != list(range(num_classes)):
-        raise ValueError(f"config.json id2label must have the ids 0..{num_classes - 1}, got {sorted(id2label)}")
+    names = class_names(config)
     target, kwargs = native_backbone_from_hf_config(hf_backbone_config(config))
     return {
         "backbone": {"_target_": target, **kwargs},
@@ -95,12 +94,12 @@ def segmenter_config_from_hf(config: Mapping[str, Any]) -> dict[str, Any]:
             "num_layers": decoder["decoder_layers"],
             "dropout": decoder["dropout"],
         },
-        "num_classes": num_classes,
-        "class_names": [id2label[i] for i in range(num_classes)],
+        "num_classes": len(names),
+        "class_names": names,
     }
 
 
-def _neck_rules(num_levels: int) -> list[tuple[str, str | Callable[[re.Match], str]]]:
+def _neck_rules(num_levels: int) -> list[Rule]:
     """(regex on the HF key after `NECK_PREFIX`, our key after `neck.`).
 
     transformers' FPN runs coarse to fine (`stem` on the coarsest map, then `layers.0` on the next finer
@@ -117,7 +116,7 @@ def _neck_rules(num_levels: int) -> list[tuple[str, str | Callable[[re.Match], s
 
 TRANSFORMER = re.escape(HEAD_PREFIX)
 LAYER = TRANSFORMER + r"decoder\.layers\.(\d+)\."
-HEAD_RULES: list[tuple[str, str]] = [
+HEAD_RULES: list[Rule] = [
     (TRANSFORMER + r"queries_embedder\.weight", "query_embed.weight"),
     (TRANSFORMER + r"input_projection\.(.*)", r"input_proj.\1"),
     (LAYER + r"self_attn\.(?:o|out)_proj\.(.*)", r"decoder.layers.\1.self_attn.out_proj.\2"),
@@ -147,21 +146,23 @@ def convert_maskformer_neck_head(
     fpn_layer = re.compile(re.escape(NECK_PREFIX) + r"fpn\.layers\.(\d+)\.")
     num_levels = 1 + len({m[1] for key in state_dict if (m := fpn_layer.match(key))})
     neck_rules = _neck_rules(num_levels)
-    out, qkv = {}, {}
+    out = {}
+    qkv: dict[tuple[str, str, str], dict[str, torch.Tensor]] = {}
     for key, value in state_dict.items():
         if key in IGNORED or key.startswith(BACKBONE_PREFIX):
             continue
         if key.startswith(NECK_PREFIX):
-            out["neck." + rename_key(key[len(NECK_PREFIX) :], neck_rules, source, "MaskFormerForInstanceSegmentation")] = value
+            name = key[len(NECK_PREFIX) :]
+            error = f"{source}: unexpected weight {name!r}; is this a {EXPECTED} checkpoint?"
+            out["neck." + rename_key(name, neck_rules, error)] = value
         elif match := QKV.fullmatch(key):
-            qkv[(match[1], ATTENTION_NAMES[match[2]], match[4], match[3])] = value
+            qkv.setdefault((match[1], ATTENTION_NAMES[match[2]], match[4]), {})[match[3]] = value
         else:
-            out["head." + rename_key(key, HEAD_RULES, source, "MaskFormerForInstanceSegmentation")] = value
-    for layer, attention, kind in sorted({k[:3] for k in qkv}):
-        parts = [qkv.get((layer, attention, kind, p)) for p in "qkv"]
-        if any(part is None for part in parts):
-            raise ValueError(f"{source}: decoder layer {layer} lacks one of {attention} {{q,k,v}}_proj.{kind}")
-        out[f"head.decoder.layers.{layer}.{attention}.in_proj_{kind}"] = torch.cat(parts, 0)
+            error = f"{source}: unexpected weight {key!r}; is this a {EXPECTED} checkpoint?"
+            out["head." + rename_key(key, HEAD_RULES, error)] = value
+    for (layer, attention, kind), parts in sorted(qkv.items()):
+        error = f"{source}: decoder layer {layer} lacks one of {attention} {{q,k,v}}_proj.{kind}"
+        out[f"head.decoder.layers.{layer}.{attention}.in_proj_{kind}"] = pack_qkv(parts, error)
     return out
 
 
@@ -170,7 +171,7 @@ def convert_maskformer_state_dict(
 ) -> dict[str, torch.Tensor]:
     """transformers MaskFormerForInstanceSegmentation weights -> our `backbone.` / `neck.` / `head.` keys."""
     backbone = {k[len(BACKBONE_PREFIX) :]: v for k, v in state_dict.items() if k.startswith(BACKBONE_PREFIX)}
-    backbone = convert_hf_backbone_state_dict(backbone, hf_backbone_config(config))
+    backbone, _ = split_hf_backbone_state_dict(backbone, hf_backbone_config(config)["model_type"], source)
     return {**{"backbone." + k: v for k, v in backbone.items()}, **convert_maskformer_neck_head(state_dict, source)}
 
 
