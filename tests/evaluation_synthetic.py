@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 from torchvision.ops import masks_to_boxes
 
-from densepred.evaluation.panoptic import id_to_rgb
+from densepred.data.image_io import id2rgb
 
 INSTANCE_CATEGORIES = [{"id": 1, "name": "cat"}, {"id": 3, "name": "dog"}, {"id": 7, "name": "bird"}]
 PANOPTIC_CATEGORIES = [
@@ -151,8 +151,8 @@ def make_panoptic(folder: Path, seed: int = 0, num_images: int = 5) -> dict[str,
         gt_segments = _segments_info(gt_map, [(s, c, crowd_flag) for s, c, crowd_flag, _ in gt_list])
         pred_segments = _segments_info(pred_map, [(s, c, 0) for s, c, _ in pred_list])
         file_name = f"{image_id:012d}.png"
-        Image.fromarray(id_to_rgb(gt_map)).save(gt_root / file_name)
-        Image.fromarray(id_to_rgb(pred_map)).save(pred_root / file_name)
+        Image.fromarray(id2rgb(gt_map)).save(gt_root / file_name)
+        Image.fromarray(id2rgb(pred_map)).save(pred_root / file_name)
         images.append({"id": image_id, "height": h, "width": w, "file_name": f"{image_id:012d}.jpg"})
         gt_anns.append({"image_id": image_id, "file_name": file_name, "segments_info": gt_segments})
         pred_anns.append({"image_id": image_id, "file_name": file_name, "segments_info": pred_segments})

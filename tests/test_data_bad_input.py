@@ -9,8 +9,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from densepred.data import BadImageError, CocoInstanceDataset, CocoPanopticDataset, DataError, DataModule
-from densepred.data.image_io import read_image
+from densepred.data import (
+    BadImageError,
+    CocoInstanceDataset,
+    CocoPanopticDataset,
+    DataError,
+    DataModule,
+    PanopticGroundTruth,
+)
+from densepred.data.image_io import IMAGE_SUFFIXES, read_image
 
 SQUARE = [[2, 2, 12, 2, 12, 12, 2, 12]]
 
@@ -81,6 +88,15 @@ def test_gray_rgba_cmyk_and_16_bit_images_become_rgb(tmp_path):
     cmyk = read_image(tmp_path / "cmyk.jpg", 1)
     assert cmyk.shape == (1, 2, 3) and cmyk[..., 0].min() > 200 and cmyk[..., 1:].max() < 50
     assert read_image(tmp_path / "sixteen.png", 1).tolist() == [[[0] * 3, [128] * 3, [255] * 3]]
+
+
+@pytest.mark.parametrize("suffix", IMAGE_SUFFIXES)
+def test_every_listed_image_suffix_is_decoded(tmp_path, suffix):
+    pixels = np.zeros((6, 8, 3), np.uint8)
+    pixels[:, :4] = 200
+    Image.fromarray(pixels).save(tmp_path / f"x{suffix}", quality=100)  # formats without a quality ignore it
+    out = read_image(tmp_path / f"x{suffix}", 1, expected_hw=(6, 8))
+    assert out.shape == (6, 8, 3) and abs(out[:, :3].astype(int).mean() - 200) < 8 and out[:, 5:].max() < 8
 
 
 def test_exif_orientation_is_applied(tmp_path):
@@ -174,7 +190,7 @@ def test_panoptic_ids_missing_on_either_side_are_counted(tmp_path):
     assert set(reasons) == {"PNG id not in JSON", "JSON segment not in PNG"}
     assert "segment id(s) [5]" in reasons["PNG id not in JSON"] and "[77]" in reasons["JSON segment not in PNG"]
     assert sample["target"]["labels"].tolist() == [0] and sample["target"]["masks"][0].sum() == 8 * 20
-    assert (dataset.load_semantic_gt(1)[8:] == 255).all()
+    assert (PanopticGroundTruth(tmp_path / "pan.json", tmp_path / "pan").semantic(1)[8:] == 255).all()
 
 
 def test_wrong_panoptic_png_size_or_mode_is_an_error(tmp_path):

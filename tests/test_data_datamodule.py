@@ -36,8 +36,10 @@ def test_synthetic_config_gives_batches_for_every_task(tmp_path, task, num_class
     dm = instantiate(synthetic_config(tmp_path, task=task))
     assert isinstance(dm, DataModule)
     assert dm.metadata.num_classes == num_classes and dm.datasets == {}  # metadata before setup, no index built
-    assert dm.metadata.panoptic_json is None or dm.metadata.panoptic_json.endswith("panoptic_val2017.json")
     dm.setup("fit")
+    ground_truth = dm.ground_truth("val")  # what the evaluation of the split reads, declared by its reader
+    assert ground_truth.panoptic_json is None or ground_truth.panoptic_json.endswith("panoptic_val2017.json")
+    assert ground_truth.metadata.same_classes(dm.metadata)
     batch = next(iter(dm.train_dataloader()))
     assert batch["images"].shape == (4, 3, 64, 64)
     for target, (h, w) in zip(batch["targets"], batch["image_sizes"]):

@@ -10,9 +10,16 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
-from densepred.data import CocoInstanceDataset, CocoPanopticDataset, DatasetMetadata, SemanticFolderDataset, generate_synthetic
+from densepred.data import (
+    CocoInstanceDataset,
+    CocoPanopticDataset,
+    DatasetMetadata,
+    PanopticGroundTruth,
+    SemanticFolderDataset,
+    generate_synthetic,
+)
 from densepred.data.coco_json import read_categories
-from densepred.data.coco_panoptic import rgb2id
+from densepred.data.image_io import rgb2id
 from densepred.data.records import SerializedList
 
 
@@ -55,7 +62,16 @@ def test_instance_masks_equal_pycocotools_annToMask(coco_dir):
     assert checked == len(coco.anns)
 
 
-def test_instance_sample_leaves_crowd_out_and_boxes_fit_masks(coco_dir):
+def mask_extents(masks: torch.Tensor) -> list[list[int]]:
+    """[x1, y1, x2, y2] of each mask, x2 / y2 one past the last pixel (COCO's bbox as XYXY)."""
+    extents = []
+    for mask in masks:
+        ys, xs = torch.nonzero(mask, as_tuple=True)
+        extents.append([int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1])
+    return extents
+
+
+def test_instance_sample_leaves_crowd_out_and_masks_fit_the_coco_boxes(coco_dir):
     dataset = instances(coco_dir)
     coco = COCO(str(coco_dir / "annotations/instances_train2017.json"))
     for index, image_id in enumerate(dataset.image_ids):
@@ -65,9 +81,9 @@ def test_instance_sample_leaves_crowd_out_and_boxes_fit_masks(coco_dir):
         assert sample["image_id"] == image_id
         assert sample["orig_size"] == (coco.imgs[image_id]["height"], coco.imgs[image_id]["width"])
         assert sorted(target["labels"].tolist()) == sorted(dataset.metadata.dataset_id_to_contiguous[a["category_id"]] for a in anns)
-        # No transform: boxes are the COCO boxes [x, y, w, h] as XYXY.
+        # No transform: the masks' extents are the COCO boxes [x, y, w, h] as XYXY.
         expected = sorted([a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]] for a in anns)
-        assert sorted(target["boxes"].tolist()) == expected
+        assert sorted(mask_extents(target["masks"])) == expected
         assert target["masks"].dtype == torch.bool and sample["image"].shape == (3, *sample["orig_size"])
 
 
@@ -98,6 +114,7 @@ def test_rgb2id():
 def test_panoptic_tasks_give_things_or_class_maps(coco_dir):
     things = panoptic(coco_dir, task="instance")
     semantic = panoptic(coco_dir, task="semantic")
+    ground_truth = PanopticGroundTruth(semantic.ground_truth.panoptic_json, semantic.ground_truth.panoptic_root)
     meta = things.metadata
     for index in range(len(things)):
         raw = things.load_raw(index)
@@ -106,7 +123,7 @@ def test_panoptic_tasks_give_things_or_class_maps(coco_dir):
         assert sorted(sample["target"]["labels"].tolist()) == sorted(raw["labels"][keep].tolist())
         # Semantic: crowd pixels are ignored in training, kept (with their class) in the evaluation ground truth.
         sem_seg = sem["target"]["sem_seg"].numpy()
-        gt = semantic.load_semantic_gt(raw["image_id"])
+        gt = ground_truth.semantic(raw["image_id"])
         crowd = np.isin(raw["segment_map"], np.flatnonzero(raw["iscrowd"]) + 1)
         np.testing.assert_array_equal(sem_seg[~crowd], gt[~crowd])
         assert (sem_seg[crowd] == 255).all() and (gt[crowd] == 0).all()  # crowds are circles (class 0)
@@ -118,15 +135,18 @@ def test_panoptic_tasks_give_things_or_class_maps(coco_dir):
 
 
 def test_metadata_maps_sparse_ids_and_keeps_names_colors_isthing(coco_dir):
-    meta = panoptic(coco_dir).metadata
+    dataset = panoptic(coco_dir)
+    meta, ground_truth = dataset.metadata, dataset.ground_truth
     assert meta.contiguous_to_dataset_id == [1, 2, 4, 7, 110, 125, 148]
     assert meta.class_names == ["circle", "square", "triangle", "diamond", "sky", "ground", "water"]
-    assert meta.thing_classes == [0, 1, 2, 3] and meta.stuff_classes == [4, 5, 6] and meta.num_classes == 7
-    assert meta.colors[0] == (220, 40, 40) and meta.dataset_id_to_contiguous[148] == 6
-    assert meta.ignore_index == 255 and meta.panoptic_root.endswith("panoptic_train2017")
-    assert meta.ann_file.endswith("instances_train2017.json")
-    inst = instances(coco_dir).metadata
-    assert inst.num_classes == 4 and inst.thing_classes == [0, 1, 2, 3] and inst.panoptic_json is None
+    assert meta.thing_classes == [0, 1, 2, 3] and [c["isthing"] for c in meta.categories][4:] == [False] * 3
+    assert meta.num_classes == 7
+    assert meta.categories[0]["color"] == (220, 40, 40) and meta.dataset_id_to_contiguous[148] == 6
+    assert meta.ignore_index == 255 and ground_truth.panoptic_root.endswith("panoptic_train2017")
+    assert ground_truth.ann_file.endswith("instances_train2017.json") and ground_truth.metadata is meta
+    inst = instances(coco_dir)
+    assert inst.metadata.num_classes == 4 and inst.metadata.thing_classes == [0, 1, 2, 3]
+    assert inst.ground_truth.panoptic_json is None
 
 
 def test_read_categories_reads_only_the_categories(coco_dir, tmp_path):
@@ -156,7 +176,7 @@ def test_custom_coco_json_with_its_own_categories(tmp_path):
     assert dataset.metadata.class_names == ["nut", "bolt"] and dataset.metadata.contiguous_to_dataset_id == [17, 300]
     target = dataset[0]["target"]
     assert target["labels"].tolist() == [1, 0]
-    assert target["boxes"].tolist() == [[10, 5, 20, 10], [3, 2, 8, 6]]
+    assert mask_extents(target["masks"]) == [[10, 5, 20, 10], [3, 2, 8, 6]]
     assert target["masks"].sum((1, 2)).tolist() == [50, 20]
 
 
@@ -192,4 +212,5 @@ def test_index_is_serialized_and_nothing_is_decoded_at_start_up(coco_dir, monkey
 
 def test_metadata_from_categories_orders_by_id_and_fills_colors():
     meta = DatasetMetadata.from_categories([{"id": 9, "name": "b"}, {"id": 2, "name": "a", "isthing": 0}], "x.json")
-    assert meta.class_names == ["a", "b"] and meta.thing_classes == [1] and len(set(meta.colors)) == 2
+    assert meta.class_names == ["a", "b"] and meta.thing_classes == [1]
+    assert len({c["color"] for c in meta.categories}) == 2

@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from densepred.data import PanopticGroundTruth
 from densepred.evaluation import COCOInstanceEvaluator, PanopticEvaluator, SemanticEvaluator
 from evaluation_synthetic import make_coco_instances, make_panoptic, make_semantic
 
@@ -18,10 +19,11 @@ WORLD_SIZE = 2
 
 def evaluate_all(data: dict, image_ids: list[int] | None, out: Path) -> dict[str, dict[str, float]]:
     """Process `image_ids` (all when None) with each evaluator in batches of two, evaluate, write."""
-    semantic = data["semantic"]
+    semantic, panoptic = data["semantic"], data["panoptic"]
     evaluators = {
         "instance": COCOInstanceEvaluator(data["coco"]["ann_file"], data["coco"]["contiguous_to_dataset_id"]),
-        "panoptic": PanopticEvaluator(**{k: data["panoptic"][k] for k in ("panoptic_json", "panoptic_root", "categories", "contiguous_to_dataset_id")}),
+        "panoptic": PanopticEvaluator(PanopticGroundTruth(panoptic["panoptic_json"], panoptic["panoptic_root"]),
+                                      panoptic["categories"], panoptic["contiguous_to_dataset_id"]),
         "semantic": SemanticEvaluator(semantic["num_classes"], 255, semantic["ground_truth"].__getitem__, semantic["class_names"]),
     }
     results = {}

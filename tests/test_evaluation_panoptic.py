@@ -9,8 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
+from densepred.data import PanopticGroundTruth
+from densepred.data.image_io import id2rgb, rgb2id
 from densepred.evaluation import PanopticEvaluator
-from densepred.evaluation.panoptic import id_to_rgb, rgb_to_id
 from evaluation_synthetic import PANOPTIC_CATEGORIES, make_panoptic
 from reference.panoptic_reference import pq_compute_reference
 
@@ -18,7 +19,8 @@ C2D = [c["id"] for c in PANOPTIC_CATEGORIES]  # contiguous 0..3 -> person 1, car
 
 
 def run(data) -> PanopticEvaluator:
-    evaluator = PanopticEvaluator(data["panoptic_json"], data["panoptic_root"], data["categories"], data["contiguous_to_dataset_id"])
+    ground_truth = PanopticGroundTruth(data["panoptic_json"], data["panoptic_root"])
+    evaluator = PanopticEvaluator(ground_truth, data["categories"], data["contiguous_to_dataset_id"])
     items = list(data["predictions"].items())
     for start in range(0, len(items), 2):
         batch = items[start : start + 2]
@@ -58,7 +60,7 @@ def test_written_predictions_give_the_same_numbers(tmp_path):
     saved = json.loads(pred_json.read_text())
     assert [a["image_id"] for a in saved["annotations"]] == sorted(data["predictions"])
     first = saved["annotations"][0]
-    ids = rgb_to_id(np.asarray(Image.open(tmp_path / "out" / "panoptic_predictions" / first["file_name"])))
+    ids = rgb2id(np.asarray(Image.open(tmp_path / "out" / "panoptic_predictions" / first["file_name"])))
     np.testing.assert_array_equal(ids, data["predictions"][first["image_id"]]["panoptic_seg"].numpy())
     assert {s["id"] for s in first["segments_info"]} == set(np.unique(ids).tolist()) - {0}
     metrics = json.loads((tmp_path / "out" / "panoptic_metrics.json").read_text())["metrics"]
@@ -80,7 +82,7 @@ def hand_example(tmp_path):
     pred[6:, 5:8] = 3
     pred[6:, 8:] = 4
     (tmp_path / "gt").mkdir()
-    Image.fromarray(id_to_rgb(gt)).save(tmp_path / "gt" / "1.png")
+    Image.fromarray(id2rgb(gt)).save(tmp_path / "gt" / "1.png")
     segments = [{"id": 5, "category_id": 10, "area": 50, "iscrowd": 0}, {"id": 7, "category_id": 1, "area": 25, "iscrowd": 0},
                 {"id": 9, "category_id": 2, "area": 10, "iscrowd": 0}]
     (tmp_path / "gt.json").write_text(json.dumps({
@@ -88,7 +90,8 @@ def hand_example(tmp_path):
         "annotations": [{"image_id": 1, "file_name": "1.png", "segments_info": segments}], "categories": PANOPTIC_CATEGORIES,
     }))
     segments_info = [{"id": 1, "label": 2}, {"id": 2, "label": 0}, {"id": 3, "label": 0}, {"id": 4, "label": 3}]
-    return PanopticEvaluator(tmp_path / "gt.json", tmp_path / "gt", PANOPTIC_CATEGORIES, C2D), pred, segments_info
+    evaluator = PanopticEvaluator(PanopticGroundTruth(tmp_path / "gt.json", tmp_path / "gt"), PANOPTIC_CATEGORIES, C2D)
+    return evaluator, pred, segments_info
 
 
 def test_hand_counted_example(tmp_path):
@@ -114,7 +117,8 @@ def test_crowd_region_ignores_predictions_of_its_category_only(tmp_path):
     gt_json["annotations"][0]["segments_info"][2]["iscrowd"] = 1  # the car becomes a crowd region
     (tmp_path / "gt.json").write_text(json.dumps(gt_json))
     for road_label, expected_fp in ((3, 1), (1, 0)):  # road on the car crowd: an FP; car on it: ignored
-        evaluator = PanopticEvaluator(tmp_path / "gt.json", tmp_path / "gt", PANOPTIC_CATEGORIES, C2D)
+        ground_truth = PanopticGroundTruth(tmp_path / "gt.json", tmp_path / "gt")
+        evaluator = PanopticEvaluator(ground_truth, PANOPTIC_CATEGORIES, C2D)
         info = segments_info[:3] + [{"id": 4, "label": road_label}]
         evaluator.process([1], [{"panoptic_seg": torch.from_numpy(pred), "segments_info": info}])
         evaluator.evaluate()
@@ -134,4 +138,4 @@ def test_bad_input_names_the_image_and_the_fix(tmp_path):
     with pytest.raises(ValueError, match="image 1: predicted label 9 is not in contiguous_to_dataset_id"):
         evaluator.process([1], [{"panoptic_seg": torch.from_numpy(pred), "segments_info": segments_info[:3] + [{"id": 4, "label": 9}]}])
     with pytest.raises(FileNotFoundError, match="panoptic PNG folder .*nowhere does not exist"):
-        PanopticEvaluator(tmp_path / "gt.json", tmp_path / "nowhere", PANOPTIC_CATEGORIES, C2D)
+        PanopticEvaluator(PanopticGroundTruth(tmp_path / "gt.json", tmp_path / "nowhere"), PANOPTIC_CATEGORIES, C2D)

@@ -1,11 +1,12 @@
-"""Result tables and the atomic JSON writer."""
+"""Result tables, the atomic JSON writer evaluators use, and gathering without a process group."""
 
 from __future__ import annotations
 
 import json
 
-from densepred.evaluation.base import atomic_write_json, gather_by_image_id
-from densepred.evaluation.table import format_metrics, format_per_class, format_table
+from densepred.evaluation.base import gather_by_image_id
+from densepred.evaluation.table import format_table
+from densepred.utils.io import atomic_write_json
 
 
 def test_format_table_aligns_columns():
@@ -17,12 +18,6 @@ def test_format_table_aligns_columns():
         "| All    | 41.46 | 133 |",
         "| Things |   nan |  80 |",
     ]
-
-
-def test_metrics_and_per_class_tables():
-    assert format_metrics({"mIoU": 50.0, "pACC": 75.125}).splitlines()[-1] == "| 50.00 | 75.12 |"
-    lines = format_per_class({"cat": {"IoU": 1.0, "ACC": 2.0}, "dog": {"IoU": 3.0, "ACC": 4.0}}).splitlines()
-    assert lines[0] == "| category |  IoU |  ACC |" and lines[-1] == "| dog      | 3.00 | 4.00 |"
 
 
 def test_atomic_json_writes_nan_as_null_and_leaves_no_temporary_file(tmp_path):

@@ -5,16 +5,16 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
 import torch
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
 from .errors import BadImageError, DataError
-from .metadata import DatasetMetadata
+from .metadata import DatasetMetadata, GroundTruth
 from .reporting import Issue
 from .targets import semantic_target, target_from_masks, target_from_segment_map
 
+# The training tasks (the one list of them: the engine imports it).
 TASKS = ("panoptic", "instance", "semantic")
 MAX_CONSECUTIVE_SKIPS = 16
 
@@ -22,7 +22,8 @@ MAX_CONSECUTIVE_SKIPS = 16
 class SegmentationDataset(Dataset):
     """Base class of the readers.
 
-    Subclasses fill `metadata`, `image_ids` and implement `load_raw(index)`, which returns the sample as
+    Subclasses fill `metadata`, `ground_truth` (what their evaluation reads, see `GroundTruth`), `image_ids`
+    and implement `load_raw(index)`, which returns the sample as
     stored (before transforms):
         "image": (H, W, 3) uint8, "image_id", "orig_size": (H, W), "file_name",
         "labels": (N,) int64 contiguous, "iscrowd": (N,) bool, and the segments as one of
@@ -34,6 +35,7 @@ class SegmentationDataset(Dataset):
     """
 
     metadata: DatasetMetadata
+    ground_truth: GroundTruth
     image_ids: list[int]
 
     def __init__(self, task: str, transform: Callable | None, skip_bad_images: bool) -> None:
@@ -43,19 +45,6 @@ class SegmentationDataset(Dataset):
         self.transform = transform
         self.skip_bad_images = skip_bad_images
         self._isthing = None
-
-    # The paths evaluators read (None where the dataset has no such file).
-    @property
-    def ann_file(self) -> str | None:
-        return self.metadata.ann_file
-
-    @property
-    def panoptic_json(self) -> str | None:
-        return self.metadata.panoptic_json
-
-    @property
-    def panoptic_root(self) -> str | None:
-        return self.metadata.panoptic_root
 
     def __len__(self) -> int:
         return len(self.image_ids)
@@ -70,13 +59,6 @@ class SegmentationDataset(Dataset):
 
     def load_raw(self, index: int, include_crowd: bool = True) -> dict[str, Any]:
         raise NotImplementedError
-
-    def load_semantic_gt(self, image_id: int) -> np.ndarray:
-        """(H, W) int64 contiguous class per pixel at the original size, ignore_index elsewhere (for mIoU)."""
-        raise DataError(
-            f"{type(self).__name__} has no per-pixel ground truth; semantic evaluation needs a panoptic or "
-            "label-map dataset"
-        )
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         issues: list[Issue] = []

@@ -59,10 +59,7 @@ def read_metadata(task: str, split: str, settings: Mapping[str, Any], class_name
             raise DataError("a label-map dataset (sem_seg_dir) needs data.class_names, one name per class index")
         return DatasetMetadata.from_class_names(class_names, f"data.{split}.sem_seg_dir")
     path = settings["ann_file"] if source == "instance" else settings["panoptic_json"]
-    return DatasetMetadata.from_categories(
-        read_categories(path), path, ann_file=settings.get("ann_file"),
-        panoptic_json=settings.get("panoptic_json"), panoptic_root=settings.get("panoptic_root"),
-    )
+    return DatasetMetadata.from_categories(read_categories(path), path)
 
 
 def build_dataset(

@@ -15,7 +15,7 @@ from .base import SegmentationDataset
 from .coco_json import index_images, load_json
 from .errors import DataError
 from .image_io import read_image
-from .metadata import DatasetMetadata
+from .metadata import DatasetMetadata, GroundTruth
 from .records import SerializedList
 from .reporting import Issue, IssueReport
 
@@ -148,8 +148,9 @@ class CocoInstanceDataset(SegmentationDataset):
             )
         self.img_dir = Path(img_dir)
         data = load_json(ann_file)
-        self.metadata = DatasetMetadata.from_categories(
-            data["categories"], str(ann_file), ann_file=str(ann_file), panoptic_json=panoptic_json, panoptic_root=panoptic_root
+        self.metadata = DatasetMetadata.from_categories(data["categories"], str(ann_file))
+        self.ground_truth = GroundTruth(
+            self.metadata, ann_file=str(ann_file), panoptic_json=panoptic_json, panoptic_root=panoptic_root
         )
         records, issues = index_instances(data, str(ann_file), self.metadata)
         del data

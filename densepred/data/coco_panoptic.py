@@ -1,12 +1,13 @@
 """COCO panoptic: `panoptic_*.json` + a folder of PNGs whose RGB colors encode segment ids.
 
 Also the panoptic-derived semantic segmentation of Mask2Former's COCO recipe: every segment's pixels take
-its category (things and stuff), void pixels are ignored.
+its category (things and stuff), void pixels are ignored; and `PanopticGroundTruth`, the evaluation's reading
+of the same files (the JSON once, each PNG once for PQ and mIoU together).
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -17,16 +18,23 @@ from .base import SegmentationDataset
 from .coco_instance import filter_records
 from .coco_json import index_images, load_json
 from .errors import DataError
-from .image_io import read_image, read_label_png
-from .metadata import DatasetMetadata
+from .image_io import read_image, read_panoptic_png
+from .metadata import DatasetMetadata, GroundTruth
 from .records import SerializedList
 from .reporting import Issue, IssueReport
 
+# How many decoded PNGs a PanopticGroundTruth keeps for its other readers (a bound; one batch is enough).
+MAX_KEPT_PNGS = 64
 
-def rgb2id(color: np.ndarray) -> np.ndarray:
-    """(H, W, 3) uint8 -> (H, W) int32 segment ids, id = R + 256 G + 256^2 B (panopticapi's formula)."""
-    color = color.astype(np.int32)
-    return color[..., 0] + 256 * color[..., 1] + 256 * 256 * color[..., 2]
+
+def segment_index_map(ids: np.ndarray, segment_ids: np.ndarray) -> np.ndarray:
+    """(H, W) int32: k + 1 where `ids` equals segment_ids[k], 0 elsewhere (void, or an id not listed)."""
+    if len(segment_ids) == 0:
+        return np.zeros(ids.shape, dtype=np.int32)
+    order = np.argsort(segment_ids)
+    position = np.minimum(np.searchsorted(segment_ids[order], ids), len(order) - 1)
+    matched = segment_ids[order][position] == ids
+    return np.where(matched, order[position] + 1, 0).astype(np.int32)
 
 
 def index_panoptic(
@@ -94,9 +102,9 @@ class CocoPanopticDataset(SegmentationDataset):
         super().__init__(task, transform, skip_bad_images)
         self.img_dir, self.png_dir = Path(img_dir), Path(panoptic_root)
         data = load_json(panoptic_json)
-        self.metadata = DatasetMetadata.from_categories(
-            data["categories"], str(panoptic_json),
-            ann_file=ann_file, panoptic_json=str(panoptic_json), panoptic_root=str(panoptic_root),
+        self.metadata = DatasetMetadata.from_categories(data["categories"], str(panoptic_json))
+        self.ground_truth = GroundTruth(
+            self.metadata, ann_file=ann_file, panoptic_json=str(panoptic_json), panoptic_root=str(panoptic_root)
         )
         records, issues = index_panoptic(data, str(panoptic_json), self.metadata)
         del data
@@ -118,7 +126,7 @@ class CocoPanopticDataset(SegmentationDataset):
         if record["png_name"] is None:
             return np.zeros((height, width), dtype=np.int32), []
         png_path = self.png_dir / record["png_name"]
-        ids = rgb2id(read_label_png(png_path, image_id, mode="rgb"))
+        ids = read_panoptic_png(png_path, image_id)
         if ids.shape != (height, width):
             raise DataError(
                 f"{png_path}: panoptic PNG of image id {image_id} is {ids.shape[0]}x{ids.shape[1]} but the image is "
@@ -126,13 +134,7 @@ class CocoPanopticDataset(SegmentationDataset):
             )
         issues: list[Issue] = []
         segment_ids = np.array([s[0] for s in record["segments"]], dtype=np.int64)
-        if len(segment_ids) == 0:
-            segment_map = np.zeros((height, width), dtype=np.int32)
-        else:
-            order = np.argsort(segment_ids)
-            position = np.minimum(np.searchsorted(segment_ids[order], ids), len(order) - 1)
-            matched = segment_ids[order][position] == ids
-            segment_map = np.where(matched, order[position] + 1, 0).astype(np.int32)
+        segment_map = segment_index_map(ids, segment_ids)
         unknown = (segment_map == 0) & (ids != 0)
         if unknown.any():
             absent = np.setdiff1d(np.unique(ids[unknown]), record["void_ids"])
@@ -161,10 +163,87 @@ class CocoPanopticDataset(SegmentationDataset):
             "issues": issues,
         }
 
-    def load_semantic_gt(self, image_id: int) -> np.ndarray:
-        """Mask2Former's COCO panoptic sem-seg ground truth: every segment (crowd too) -> its class, void -> ignore."""
-        record = self._records[self.index_of(image_id)]
-        segment_map, _ = self._segment_map(record)
-        lut = np.full(len(record["segments"]) + 1, self.metadata.ignore_index, dtype=np.int64)
-        lut[1:] = [s[1] for s in record["segments"]]
-        return lut[segment_map]
+
+class PanopticGroundTruth:
+    """A COCO panoptic split's ground truth as evaluators read it: the JSON parsed once, each PNG decoded once.
+
+    `ids(image_id)` gives the image's (H, W) int32 segment ids (0 = void) and `annotation(image_id)` its JSON
+    entry (PQ); `semantic(image_id)` its per-pixel classes (mIoU, Mask2Former's COCO panoptic sem-seg: every
+    listed segment, crowd included, -> its contiguous class; void, ids not in the JSON and segments of
+    unknown categories -> ignore_index), computed from the same decoded PNG. With `readers` > 1 (the panoptic
+    and the semantic evaluator of one run) a decoded PNG is kept until each of the readers has had it (at
+    most MAX_KEPT_PNGS images), so every PNG is decoded once per evaluation whichever reader asks first.
+    """
+
+    def __init__(self, panoptic_json: str | Path, panoptic_root: str | Path, readers: int = 1) -> None:
+        self.panoptic_json, self.panoptic_root = Path(panoptic_json), Path(panoptic_root)
+        if not self.panoptic_json.is_file():
+            raise FileNotFoundError(
+                f"panoptic annotation file {self.panoptic_json} does not exist; check panoptic_json"
+            )
+        if not self.panoptic_root.is_dir():
+            raise FileNotFoundError(f"panoptic PNG folder {self.panoptic_root} does not exist; check panoptic_root")
+        data = load_json(self.panoptic_json)
+        self.categories: list[dict[str, Any]] = data["categories"]
+        self.metadata = DatasetMetadata.from_categories(self.categories, str(self.panoptic_json))
+        self.images = index_images(data, self.panoptic_json)
+        self.annotations: dict[int, dict[str, Any]] = {
+            ann["image_id"]: ann for ann in data["annotations"]
+            if isinstance(ann, Mapping) and isinstance(ann.get("segments_info"), list)
+        }
+        self.readers = readers
+        self._kept: OrderedDict[int, list] = OrderedDict()  # image id -> [ids, readers still to come]
+
+    def annotation(self, image_id: int) -> dict[str, Any]:
+        """The image's entry of the JSON's `annotations` (file_name, segments_info)."""
+        ann = self.annotations.get(image_id)
+        if ann is None:
+            raise DataError(
+                f"image id {image_id} has no annotation in {self.panoptic_json}; evaluate on the split it describes"
+            )
+        return ann
+
+    def ids(self, image_id: int) -> np.ndarray:
+        """(H, W) int32 segment ids of the image's PNG, read-only (shared by the readers)."""
+        kept = self._kept.get(image_id)
+        if kept is not None:
+            kept[1] -= 1
+            if kept[1] == 0:
+                del self._kept[image_id]
+            return kept[0]
+        path = self.panoptic_root / self.annotation(image_id)["file_name"]
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"ground-truth PNG {path} of image {image_id} (in {self.panoptic_json}) does not exist"
+            )
+        ids = read_panoptic_png(path, image_id)
+        ids.flags.writeable = False
+        if self.readers > 1:
+            self._kept[image_id] = [ids, self.readers - 1]
+            while len(self._kept) > MAX_KEPT_PNGS:
+                self._kept.popitem(last=False)
+        return ids
+
+    def semantic(self, image_id: int) -> np.ndarray:
+        """(H, W) int64 contiguous class per pixel at the original size, ignore_index elsewhere."""
+        ignore_index = self.metadata.ignore_index
+        if image_id not in self.annotations:  # an image without segments: all void
+            if image_id not in self.images:
+                raise DataError(
+                    f"image id {image_id} is not in {self.panoptic_json}; evaluate on the split it describes"
+                )
+            image = self.images[image_id]
+            return np.full((image["height"], image["width"]), ignore_index, dtype=np.int64)
+        lookup = self.metadata.dataset_id_to_contiguous
+        segments = [
+            (s["id"], lookup[s.get("category_id")]) for s in self.annotations[image_id]["segments_info"]
+            if isinstance(s.get("id"), int) and s.get("category_id") in lookup
+        ]
+        index = segment_index_map(self.ids(image_id), np.array([s[0] for s in segments], dtype=np.int64))
+        lut = np.full(len(segments) + 1, ignore_index, dtype=np.int64)
+        lut[1:] = [s[1] for s in segments]
+        return lut[index]
+
+    def clear(self) -> None:
+        """Forget the decoded PNGs kept for other readers (at the start of an evaluation)."""
+        self._kept.clear()

@@ -15,7 +15,7 @@ from .base import SegmentationDataset
 from .build import build_dataset, read_metadata, resolve_split
 from .collate import Collate
 from .errors import DataError
-from .metadata import DatasetMetadata
+from .metadata import DatasetMetadata, GroundTruth
 from .reporting import IssueReport
 from .synthetic import ensure_synthetic
 from .transforms import build_transform, recipe_fixed_size
@@ -30,7 +30,8 @@ class DataModule(LightningDataModule):
     settings), the synthetic dataset is generated under `root` on first use and `root` becomes its folder.
     Transforms are {"recipe": "lsj" | "ade" | "resize", **sizes}.
 
-    `metadata` works right after construction (it reads only the categories). Under DDP, training uses
+    `metadata` works right after construction (it reads only the categories); `ground_truth(split)` declares
+    what the evaluation of a split reads (the evaluators are built from it). Under DDP, training uses
     Lightning's DistributedSampler; validation and test use a non-padding sampler, so every image is seen
     exactly once over all ranks (ranks may differ by one batch).
     """
@@ -82,15 +83,15 @@ class DataModule(LightningDataModule):
 
     @property
     def metadata(self) -> DatasetMetadata:
-        """Classes of the training split (else val) with the evaluation split's paths; no index is built."""
+        """Classes of the training split (else val), checked against val's; no index is built."""
         if self._metadata is None:
             source = "train" if self.splits["train"] else "val"
             metadata = read_metadata(self.task, source, self._settings(source), self.class_names)
             if self.splits["val"]:
-                paths = read_metadata(self.task, "val", self._settings("val"), self.class_names)
-                if not metadata.same_classes(paths):
+                val = read_metadata(self.task, "val", self._settings("val"), self.class_names)
+                if not metadata.same_classes(val):
                     raise DataError("data.train and data.val have different categories; both must list the same classes")
-                metadata = paths
+                metadata = val
             self._metadata = metadata
         return self._metadata
 
@@ -110,6 +111,11 @@ class DataModule(LightningDataModule):
         for split in splits.get(stage, ["train", "val", "test"]) if stage else ["train", "val", "test"]:
             if self.splits[split]:
                 self._dataset(split)
+
+    def ground_truth(self, split: str) -> GroundTruth:
+        """What the evaluation of `split` ("val" or "test") reads: its classes and ground-truth files (and
+        for label maps the per-pixel reader), as the split's reader declares them; builds its index once."""
+        return self._dataset(split).ground_truth
 
     @property
     def train_dataset(self) -> SegmentationDataset:

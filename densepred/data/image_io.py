@@ -13,6 +13,8 @@ from .errors import BadImageError, DataError
 # Errors PIL raises for truncated, corrupt or unsupported files.
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
 _SIXTEEN_BIT_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I"}
+# The suffixes of the image files `read_image` decodes (every image folder and predict.py use this list).
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 
 def _open(path: Path, what: str, image_id: object) -> Image.Image:
@@ -67,17 +69,34 @@ def read_image(path: str | Path, image_id: object, expected_hw: tuple[int, int] 
     return array
 
 
-def read_label_png(path: str | Path, image_id: object, mode: str) -> np.ndarray:
-    """Read a label PNG. mode "rgb": (H, W, 3) uint8 (panoptic ids); mode "index": (H, W) int64 class indices."""
+def read_label_png(path: str | Path, image_id: object) -> np.ndarray:
+    """Read a label PNG with one class index per pixel (8- or 16-bit single channel) as (H, W) int64."""
     path = Path(path)
     image = _open(path, "label file", image_id)
-    if mode == "rgb":
-        if image.mode not in ("RGB", "RGBA"):
-            raise DataError(f"{path}: panoptic PNG of image id {image_id} is mode {image.mode}; it must be RGB-encoded ids")
-        return np.array(image.convert("RGB"))
     if image.mode not in ("L", "P", "I", "I;16", "I;16B", "I;16L"):
         raise DataError(
             f"{path}: label PNG of image id {image_id} is mode {image.mode}; it must hold one class index per pixel "
             "(8- or 16-bit single channel)"
         )
     return np.asarray(image).astype(np.int64)
+
+
+def rgb2id(color: np.ndarray) -> np.ndarray:
+    """(H, W, 3) uint8 -> (H, W) int32 segment ids, id = R + 256 G + 256^2 B (panopticapi's formula)."""
+    color = color.astype(np.int32)
+    return color[..., 0] + 256 * color[..., 1] + 256 * 256 * color[..., 2]
+
+
+def id2rgb(ids: np.ndarray) -> np.ndarray:
+    """(H, W) segment ids < 2^24 -> (H, W, 3) uint8, the inverse of rgb2id (how panoptic PNGs are written)."""
+    ids = ids.astype(np.int64)
+    return np.stack([ids % 256, ids // 256 % 256, ids // (256 * 256)], axis=-1).astype(np.uint8)
+
+
+def read_panoptic_png(path: str | Path, image_id: object) -> np.ndarray:
+    """Read a COCO panoptic PNG (RGB-encoded segment ids) as (H, W) int32 ids, 0 = void."""
+    path = Path(path)
+    image = _open(path, "label file", image_id)
+    if image.mode not in ("RGB", "RGBA"):
+        raise DataError(f"{path}: panoptic PNG of image id {image_id} is mode {image.mode}; it must be RGB-encoded ids")
+    return rgb2id(np.asarray(image.convert("RGB")))

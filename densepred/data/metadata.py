@@ -1,11 +1,13 @@
-"""Dataset metadata: categories in contiguous order, the id mappings, and the paths evaluators read."""
+"""Dataset metadata (categories in contiguous order, the id mappings) and the ground truth a split declares."""
 
 from __future__ import annotations
 
 import colorsys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+import numpy as np
 
 from .errors import DataError
 
@@ -29,18 +31,13 @@ class DatasetMetadata:
 
     categories: tuple[dict[str, Any], ...]
     ignore_index: int = IGNORE_INDEX
-    ann_file: str | None = None
-    panoptic_json: str | None = None
-    panoptic_root: str | None = None
     dataset_id_to_contiguous: dict[int, int] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "dataset_id_to_contiguous", {c["id"]: k for k, c in enumerate(self.categories)})
 
     @classmethod
-    def from_categories(
-        cls, categories: Any, source: str, *, default_isthing: bool = True, **paths: str | None
-    ) -> DatasetMetadata:
+    def from_categories(cls, categories: Any, source: str, *, default_isthing: bool = True) -> DatasetMetadata:
         """Validate COCO-style `categories` (read from `source`, named in errors) and order them by id."""
         if not isinstance(categories, Sequence) or isinstance(categories, str) or not categories:
             raise DataError(f"{source}: 'categories' must be a non-empty list of {{'id', 'name'}} objects")
@@ -64,7 +61,7 @@ class DatasetMetadata:
             }
             for k, c in enumerate(ordered)
         )
-        return cls(cleaned, **paths)
+        return cls(cleaned)
 
     @classmethod
     def from_class_names(cls, class_names: Sequence[str], source: str) -> DatasetMetadata:
@@ -84,17 +81,9 @@ class DatasetMetadata:
         return [c["name"] for c in self.categories]
 
     @property
-    def colors(self) -> list[tuple[int, int, int]]:
-        return [c["color"] for c in self.categories]
-
-    @property
     def thing_classes(self) -> list[int]:
         """Contiguous ids of the thing (countable) classes."""
         return [k for k, c in enumerate(self.categories) if c["isthing"]]
-
-    @property
-    def stuff_classes(self) -> list[int]:
-        return [k for k, c in enumerate(self.categories) if not c["isthing"]]
 
     @property
     def contiguous_to_dataset_id(self) -> list[int]:
@@ -104,3 +93,20 @@ class DatasetMetadata:
         """True if both have the same categories (id, name, isthing) in the same order."""
         key = lambda m: [(c["id"], c["name"], c["isthing"]) for c in m.categories]  # noqa: E731
         return key(self) == key(other)
+
+
+@dataclass(frozen=True)
+class GroundTruth:
+    """What one split declares for its evaluation: its classes and the ground truth in the original files' terms.
+
+    `ann_file`: the COCO instances JSON (AP); `panoptic_json` + `panoptic_root`: the COCO panoptic JSON and
+    its PNG folder (PQ, and for panoptic data also the per-pixel classes of mIoU); `semantic`: for label-map
+    data, image id -> (H, W) int64 contiguous classes at the original size, `ignore_index` elsewhere. None
+    where the split has no such ground truth. Nothing is read until an evaluator is built from it.
+    """
+
+    metadata: DatasetMetadata
+    ann_file: str | None = None
+    panoptic_json: str | None = None
+    panoptic_root: str | None = None
+    semantic: Callable[[int], np.ndarray] | None = None

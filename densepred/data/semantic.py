@@ -14,12 +14,10 @@ import numpy as np
 
 from .base import SegmentationDataset
 from .errors import DataError
-from .image_io import read_image, read_label_png
-from .metadata import DatasetMetadata
+from .image_io import IMAGE_SUFFIXES, read_image, read_label_png
+from .metadata import DatasetMetadata, GroundTruth
 from .records import SerializedList
 from .reporting import IssueReport
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 
 class SemanticFolderDataset(SegmentationDataset):
@@ -49,6 +47,7 @@ class SemanticFolderDataset(SegmentationDataset):
             if not folder.is_dir():
                 raise DataError(f"{folder}: folder not found; check the {key} setting")
         self.metadata = DatasetMetadata.from_class_names(class_names, str(sem_seg_dir))
+        self.ground_truth = GroundTruth(self.metadata, semantic=self.load_semantic_gt)
         self.ignore_value, self.reduce_zero_label = ignore_value, reduce_zero_label
         images = sorted(p for p in self.img_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
         labels = {p.stem for p in self.sem_seg_dir.glob("*.png")}
@@ -66,7 +65,7 @@ class SemanticFolderDataset(SegmentationDataset):
 
     def _labels(self, name: str, image_id: int, shape: tuple[int, int] | None) -> tuple[np.ndarray, list]:
         path = self.sem_seg_dir / (Path(name).stem + ".png")
-        raw = read_label_png(path, image_id, mode="index")
+        raw = read_label_png(path, image_id)
         if shape is not None and raw.shape != shape:
             raise DataError(f"{path}: label map of image id {image_id} is {raw.shape[0]}x{raw.shape[1]} but the image is {shape[0]}x{shape[1]}")
         ignore_index = self.metadata.ignore_index
@@ -97,4 +96,5 @@ class SemanticFolderDataset(SegmentationDataset):
         }
 
     def load_semantic_gt(self, image_id: int) -> np.ndarray:
+        """(H, W) int64 contiguous class per pixel at the original size, ignore_index elsewhere (for mIoU)."""
         return self._labels(self._records[self.index_of(image_id)], image_id, None)[0]

@@ -5,7 +5,8 @@ shapes as things (circle, square, triangle, diamond: each its own color), someti
 circles. Written like COCO: JPEG images, `instances_*.json` (polygons for unoccluded shapes, compressed and
 uncompressed RLE for the others, crowd as RLE), `panoptic_*.json` + RGB-encoded PNGs, sparse category ids.
 Generation is deterministic from the seed (each image from (seed, image id)); `ensure_synthetic` writes it
-once into a cache folder and reuses it.
+once into a cache folder and reuses it. Files are written plainly: `ensure_synthetic` makes the whole folder
+appear at once (written in a temporary folder, renamed when complete), which no per-file writer could give.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import numpy as np
 from filelock import FileLock
 from PIL import Image
 from pycocotools import mask as mask_utils
+
+from .image_io import id2rgb
 
 GENERATOR_VERSION = 1
 THINGS = [  # dataset id, name, color
@@ -165,12 +168,6 @@ def categories(panoptic: bool) -> list[dict[str, Any]]:
     return things + stuff if panoptic else [{k: v for k, v in c.items() if k not in ("isthing", "color")} for c in things]
 
 
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data))
-    os.replace(tmp, path)
-
-
 def generate_synthetic(
     out_dir: str | Path,
     num_train: int = 300,
@@ -198,9 +195,7 @@ def generate_synthetic(
             h, w = scene["height"], scene["width"]
             name = f"{image_id:012d}"
             Image.fromarray(scene["image"]).save(img_dir / f"{name}.jpg", quality=92)
-            id_map = scene["id_map"]
-            rgb = np.stack([id_map % 256, id_map // 256 % 256, id_map // 65536], axis=-1).astype(np.uint8)
-            Image.fromarray(rgb).save(png_dir / f"{name}.png")
+            Image.fromarray(id2rgb(scene["id_map"])).save(png_dir / f"{name}.png")
             images.append({"id": image_id, "file_name": f"{name}.jpg", "height": h, "width": w})
             segments_info = []
             for segment_id, cat_id, mask, iscrowd, polygons in scene["segments"]:
@@ -220,10 +215,10 @@ def generate_synthetic(
             panoptic.append({"image_id": image_id, "file_name": f"{name}.png", "segments_info": segments_info})
         next_image_id += count
         info = {"description": "densepred synthetic shapes", "version": GENERATOR_VERSION}
-        _write_json(ann_dir / f"instances_{split}2017.json",
-                    {"info": info, "images": images, "annotations": instances, "categories": categories(False)})
-        _write_json(ann_dir / f"panoptic_{split}2017.json",
-                    {"info": info, "images": images, "annotations": panoptic, "categories": categories(True)})
+        (ann_dir / f"instances_{split}2017.json").write_text(json.dumps(
+            {"info": info, "images": images, "annotations": instances, "categories": categories(False)}))
+        (ann_dir / f"panoptic_{split}2017.json").write_text(json.dumps(
+            {"info": info, "images": images, "annotations": panoptic, "categories": categories(True)}))
     return out_dir
 
 

@@ -1,29 +1,18 @@
-"""MaskFormer-style training targets built from transformed segment maps, masks or label maps."""
+"""MaskFormer-style training targets built from transformed segment maps, masks or label maps.
+
+Targets hold labels and masks only; a head that needs boxes derives them from the masks with
+`torchvision.ops.masks_to_boxes`, the box convention of the whole project (as the post-processing does).
+"""
 
 from __future__ import annotations
 
 import torch
 
 
-def masks_to_boxes(masks: torch.Tensor) -> torch.Tensor:
-    """(N, H, W) bool -> (N, 4) float XYXY boxes, x2/y2 exclusive (one past the last pixel); empty -> zeros."""
-    if masks.shape[0] == 0:
-        return torch.zeros(0, 4)
-    rows, cols = masks.any(dim=2), masks.any(dim=1)  # (N, H), (N, W)
-    height, width = masks.shape[1:]
-    y1 = rows.float().argmax(dim=1)
-    y2 = height - rows.flip(1).float().argmax(dim=1)
-    x1 = cols.float().argmax(dim=1)
-    x2 = width - cols.flip(1).float().argmax(dim=1)
-    boxes = torch.stack([x1, y1, x2, y2], dim=1).float()
-    return boxes * rows.any(dim=1, keepdim=True)
-
-
 def _segments_target(masks: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Drop segments left empty by a crop, then add boxes."""
+    """Drop segments left empty by a crop."""
     keep = masks.flatten(1).any(dim=1)
-    masks, labels = masks[keep], labels[keep]
-    return {"labels": labels, "masks": masks, "boxes": masks_to_boxes(masks)}
+    return {"labels": labels[keep], "masks": masks[keep]}
 
 
 def semantic_target(sem_seg: torch.Tensor, ignore_index: int) -> dict[str, torch.Tensor]:
@@ -32,7 +21,7 @@ def semantic_target(sem_seg: torch.Tensor, ignore_index: int) -> dict[str, torch
     classes = torch.unique(sem_seg)
     classes = classes[classes != ignore_index]
     masks = sem_seg[None] == classes[:, None, None]
-    return {"labels": classes, "masks": masks, "boxes": masks_to_boxes(masks), "sem_seg": sem_seg}
+    return {"labels": classes, "masks": masks, "sem_seg": sem_seg}
 
 
 def target_from_segment_map(

@@ -3,7 +3,7 @@
 Inputs are dicts {"image": tv_tensors.Image uint8 (3, H, W), and tv_tensors.Mask entries ("segment_map",
 "masks", "sem_seg")}; v2 moves every Mask with the image (nearest-neighbour resizing). Transforms never
 pad: the collate function pads each batch (to a multiple of 32, or to a fixed size for LSJ) and records
-a padding mask. Boxes are derived from the transformed masks, so they are always aligned.
+a padding mask.
 """
 
 from __future__ import annotations

@@ -23,7 +23,6 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from densepred.evaluation.base import (
-    atomic_write_json,
     dataset_id_lookup,
     gather_by_image_id,
     is_main_process,
@@ -31,7 +30,8 @@ from densepred.evaluation.base import (
     percent,
     to_numpy,
 )
-from densepred.evaluation.table import format_per_class, format_table
+from densepred.evaluation.table import format_table
+from densepred.utils.io import atomic_write_json
 
 logger = logging.getLogger(__name__)
 
@@ -160,9 +160,6 @@ class COCOInstanceEvaluator:
         rows = [[t, *(self.metrics[f"{t}/{n}"] for n in SUMMARY_NAMES)] for t in self.iou_types]
         return format_table(["", *SUMMARY_NAMES], rows, title=f"COCO instance AP ({self.ann_file.name})")
 
-    def per_class_table(self) -> str:
-        return format_per_class(self.per_class, title="Per-category AP")
-
     def write(self, folder: str | os.PathLike) -> list[Path]:
         """On rank 0: coco_instances_{segm,bbox}_results.json (COCO results format) and instance_metrics.json."""
         if self._gathered is None:
@@ -170,9 +167,12 @@ class COCOInstanceEvaluator:
         if not is_main_process():
             return []
         folder = Path(folder)
-        written = [atomic_write_json(folder / f"coco_instances_{t}_results.json", self.results(t)) for t in self.iou_types]
+        written = [
+            atomic_write_json(folder / f"coco_instances_{t}_results.json", self.results(t), indent=None)
+            for t in self.iou_types
+        ]
         metrics = {"metrics": self.metrics, "per_class": self.per_class}
-        return [*written, atomic_write_json(folder / "instance_metrics.json", metrics)]
+        return [*written, atomic_write_json(folder / "instance_metrics.json", metrics, indent=None)]
 
 
 def _empty_results(coco_gt: COCO) -> COCO:

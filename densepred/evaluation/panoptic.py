@@ -12,7 +12,8 @@ The definition followed (panopticapi `evaluation.py`, Kirillov et al. 2019):
 * Per category: PQ = sum IoU / (TP + FP/2 + FN/2), SQ = sum IoU / TP, RQ = TP / (TP + FP/2 + FN/2);
   "All", "Things" and "Stuff" average them over the categories with TP + FP + FN > 0 (NaN if none).
 
-Statistics are computed per image in process() (ground-truth PNGs are read there, on every rank);
+Statistics are computed per image in process() (ground-truth PNGs are read there, on every rank, through
+a `data.PanopticGroundTruth` that the semantic evaluator of panoptic data may share, so each is decoded once);
 evaluate() gathers them by image id and sums them in image-id order, so DDP gives the single-process
 result exactly.
 """
@@ -20,7 +21,6 @@ result exactly.
 from __future__ import annotations
 
 import io
-import json
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -31,16 +31,11 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from densepred.evaluation.base import (
-    atomic_write_bytes,
-    atomic_write_json,
-    dataset_id_lookup,
-    gather_by_image_id,
-    is_main_process,
-    map_label,
-    to_numpy,
-)
-from densepred.evaluation.table import format_per_class, format_table
+from densepred.data.coco_panoptic import PanopticGroundTruth
+from densepred.data.image_io import id2rgb
+from densepred.evaluation.base import dataset_id_lookup, gather_by_image_id, is_main_process, map_label, to_numpy
+from densepred.evaluation.table import format_table
+from densepred.utils.io import atomic_write_bytes, atomic_write_json
 
 logger = logging.getLogger(__name__)
 
@@ -48,18 +43,6 @@ OFFSET = 256 * 256 * 256  # ids are < 2^24 (three 8-bit channels), so gt * OFFSE
 VOID = 0
 GROUPS = {"All": None, "Things": True, "Stuff": False}
 SUFFIX = {"All": "", "Things": "_th", "Stuff": "_st"}
-
-
-def rgb_to_id(rgb: np.ndarray) -> np.ndarray:
-    """(H, W, 3) uint8 COCO panoptic PNG -> (H, W) segment ids."""
-    rgb = rgb.astype(np.int64)
-    return rgb[..., 0] + 256 * rgb[..., 1] + 256 * 256 * rgb[..., 2]
-
-
-def id_to_rgb(ids: np.ndarray) -> np.ndarray:
-    """(H, W) segment ids < 2^24 -> (H, W, 3) uint8, the inverse of rgb_to_id."""
-    ids = ids.astype(np.int64)
-    return np.stack([ids % 256, ids // 256 % 256, ids // (256 * 256)], axis=-1).astype(np.uint8)
 
 
 @dataclass(frozen=True)
@@ -142,8 +125,8 @@ class PanopticEvaluator:
     """COCO panoptic quality, in percent: PQ, SQ, RQ and their _th (things) and _st (stuff) variants.
 
     Args:
-        panoptic_json: COCO panoptic annotation JSON of the split.
-        panoptic_root: folder with its ground-truth PNGs.
+        ground_truth: the split's `data.PanopticGroundTruth(panoptic_json, panoptic_root)` (the COCO panoptic
+            JSON, read once, and its folder of PNGs).
         categories: the dataset categories (dicts with "id", "name", "isthing"), PQ is averaged over these.
         contiguous_to_dataset_id: dataset category id of each contiguous label (list or dict).
 
@@ -155,21 +138,13 @@ class PanopticEvaluator:
 
     def __init__(
         self,
-        panoptic_json: str | os.PathLike,
-        panoptic_root: str | os.PathLike,
+        ground_truth: PanopticGroundTruth,
         categories: Sequence[Mapping[str, Any]],
         contiguous_to_dataset_id: Mapping[int, int] | Sequence[int],
     ) -> None:
-        self.panoptic_json, self.panoptic_root = Path(panoptic_json), Path(panoptic_root)
-        if not self.panoptic_json.is_file():
-            raise FileNotFoundError(f"panoptic annotation file {self.panoptic_json} does not exist; check panoptic_json")
-        if not self.panoptic_root.is_dir():
-            raise FileNotFoundError(f"panoptic PNG folder {self.panoptic_root} does not exist; check panoptic_root")
-        with open(self.panoptic_json) as f:
-            gt_json = json.load(f)
-        self.gt_categories = gt_json["categories"]
-        self.images = {image["id"]: image for image in gt_json["images"]}
-        self.annotations = {ann["image_id"]: ann for ann in gt_json["annotations"]}
+        self.ground_truth = ground_truth
+        self.panoptic_json = ground_truth.panoptic_json
+        self.annotations = ground_truth.annotations
         self.categories = [dict(c) for c in categories]
         self.category_ids = {c["id"] for c in self.categories}
         self.dataset_ids = dataset_id_lookup(contiguous_to_dataset_id)
@@ -179,6 +154,7 @@ class PanopticEvaluator:
         self.reset()
 
     def reset(self) -> None:
+        self.ground_truth.clear()
         self._stats: dict[int, dict[int, np.ndarray]] = {}
         self._segments: dict[int, list[dict[str, Any]]] = {}
         self._pngs: dict[int, bytes] = {}
@@ -202,7 +178,7 @@ class PanopticEvaluator:
             self._stats[image_id] = pq_image_stats(gt_ids, gt_segments, pred_ids, pred_segments)
             self._segments[image_id] = segments_info
             png = io.BytesIO()
-            Image.fromarray(id_to_rgb(pred_ids)).save(png, format="PNG")
+            Image.fromarray(id2rgb(pred_ids)).save(png, format="PNG")
             self._pngs[image_id] = png.getvalue()
 
     def _prediction_segments(
@@ -232,13 +208,8 @@ class PanopticEvaluator:
         return segments, info
 
     def _load_ground_truth(self, image_id: int) -> tuple[np.ndarray, dict[int, Segment]]:
-        ann = self.annotations.get(image_id)
-        if ann is None:
-            raise ValueError(f"image id {image_id} has no annotation in {self.panoptic_json}; evaluate on the split it describes")
-        path = self.panoptic_root / ann["file_name"]
-        if not path.is_file():
-            raise FileNotFoundError(f"ground-truth PNG {path} of image {image_id} (in {self.panoptic_json}) does not exist")
-        gt_ids = rgb_to_id(np.asarray(Image.open(path).convert("RGB")))
+        ann = self.ground_truth.annotation(image_id)
+        gt_ids = self.ground_truth.ids(image_id)
         segments = {}
         for s in ann["segments_info"]:
             if s["category_id"] not in self.category_ids:
@@ -271,9 +242,6 @@ class PanopticEvaluator:
         rows = [[g, *(self.summary[g][m] for m in ("PQ", "SQ", "RQ", "N"))] for g in GROUPS]
         return format_table(["", "PQ", "SQ", "RQ", "N"], rows, title=f"Panoptic quality ({self.panoptic_json.name})")
 
-    def per_class_table(self) -> str:
-        return format_per_class(self.per_class, title="Per-category PQ")
-
     def write(self, folder: str | os.PathLike) -> list[Path]:
         """Call on every rank after evaluate(): each rank writes the PNGs of its images to
         folder/panoptic_predictions/; rank 0 writes folder/panoptic_predictions.json (COCO panoptic format,
@@ -290,9 +258,10 @@ class PanopticEvaluator:
                 {"image_id": i, "file_name": self.annotations[i]["file_name"], "segments_info": segments}
                 for i, segments in self._gathered_segments.items()
             ]
-            images = [self.images[i] for i in self._gathered_segments if i in self.images]
-            prediction_json = {"images": images, "categories": self.gt_categories, "annotations": annotations}
-            written.append(atomic_write_json(folder / "panoptic_predictions.json", prediction_json))
+            gt_images = self.ground_truth.images
+            images = [gt_images[i] for i in self._gathered_segments if i in gt_images]
+            prediction_json = {"images": images, "categories": self.ground_truth.categories, "annotations": annotations}
+            written.append(atomic_write_json(folder / "panoptic_predictions.json", prediction_json, indent=None))
             metrics = {"metrics": self.metrics, "summary": self.summary, "per_class": self.per_class}
-            written.append(atomic_write_json(folder / "panoptic_metrics.json", metrics))
+            written.append(atomic_write_json(folder / "panoptic_metrics.json", metrics, indent=None))
         return written

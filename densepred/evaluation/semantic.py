@@ -21,8 +21,9 @@ from typing import Any
 import numpy as np
 import pycocotools.mask as mask_util
 
-from densepred.evaluation.base import atomic_write_json, gather_by_image_id, is_main_process, to_numpy
-from densepred.evaluation.table import format_metrics, format_per_class
+from densepred.evaluation.base import gather_by_image_id, is_main_process, to_numpy
+from densepred.evaluation.table import format_table
+from densepred.utils.io import atomic_write_json
 
 logger = logging.getLogger(__name__)
 
@@ -140,10 +141,7 @@ class SemanticEvaluator:
         return dict(self.metrics)
 
     def table(self) -> str:
-        return format_metrics(self.metrics, title="Semantic segmentation")
-
-    def per_class_table(self) -> str:
-        return format_per_class(self.per_class, title="Per-class IoU / ACC")
+        return format_table(list(self.metrics), [list(self.metrics.values())], title="Semantic segmentation")
 
     def write(self, folder: str | os.PathLike) -> list[Path]:
         """On rank 0: sem_seg_predictions.json (COCO stuff results, RLE) and semantic_metrics.json."""
@@ -154,8 +152,8 @@ class SemanticEvaluator:
         folder = Path(folder)
         predictions = [r for rles in self._gathered_rles.values() for r in rles]
         return [
-            atomic_write_json(folder / "sem_seg_predictions.json", predictions),
+            atomic_write_json(folder / "sem_seg_predictions.json", predictions, indent=None),
             atomic_write_json(folder / "semantic_metrics.json", {
                 "metrics": self.metrics, "per_class": self.per_class, "confusion_matrix": self.confusion.tolist(),
-            }),
+            }, indent=None),
         ]

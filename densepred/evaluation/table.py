@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 
 def format_value(value: object, digits: int = 2) -> str:
@@ -31,17 +31,3 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]], title
     rule = "|" + "|".join(":" + "-" * (w + 1) if i == 0 else "-" * (w + 1) + ":" for i, w in enumerate(widths)) + "|"
     lines = ([title] if title else []) + [line([str(h) for h in headers]), rule] + [line(r) for r in cells]
     return "\n".join(lines)
-
-
-def format_metrics(metrics: Mapping[str, float], title: str | None = None) -> str:
-    """One row, one column per metric."""
-    return format_table(list(metrics), [list(metrics.values())], title=title)
-
-
-def format_per_class(per_class: Mapping[str, Mapping[str, float]], title: str | None = None) -> str:
-    """One row per class, one column per metric (the metric names of the first class)."""
-    if not per_class:
-        return title or ""
-    columns = list(next(iter(per_class.values())))
-    rows = [[name, *(values[c] for c in columns)] for name, values in per_class.items()]
-    return format_table(["category", *columns], rows, title=title)
