@@ -1,7 +1,8 @@
 """Train (and test) a segmentation model: `python train.py [group=choice ...] [key=value ...]`.
 
 Composes configs/train.yaml, seeds, builds data + model + trainer from the config, (optionally scores the
-untrained model,) fits, then evaluates the best checkpoint. With no arguments it trains a small model on the synthetic COCO-format dataset.
+untrained model,) fits, then evaluates the best checkpoint. With no arguments it trains a small model on the
+synthetic COCO-format dataset.
 """
 
 from __future__ import annotations

@@ -1,23 +1,27 @@
-"""Draw predictions and ground truth over images (validation logging and `predict.py`)."""
+"""Draw predictions and ground truth over images (validation logging and `predict.py`).
+
+Images are raw uint8 pixels (3, H, W): batches hold un-normalised images (the model normalises), so
+nothing here needs the normalisation statistics.
+"""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
+from torchvision.io import write_png
 from torchvision.ops import masks_to_boxes
 from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from densepred.utils.io import atomic_write
 
 
-def denormalize(image: torch.Tensor) -> torch.Tensor:
-    """(3, H, W) ImageNet-normalised float -> (3, H, W) uint8."""
-    mean = image.new_tensor(IMAGENET_MEAN)[:, None, None]
-    std = image.new_tensor(IMAGENET_STD)[:, None, None]
-    return ((image * std + mean).clamp(0, 1) * 255).round().to(torch.uint8)
+def save_png(image: torch.Tensor, path: str | os.PathLike) -> Path:
+    """Write a (3, H, W) uint8 image as a PNG, atomically (the folder is created if needed)."""
+    return atomic_write(path, lambda tmp: write_png(image.cpu(), str(tmp)))
 
 
 def _palette(categories: Sequence[Mapping[str, Any]]) -> list[tuple[int, int, int]]:
@@ -55,31 +59,39 @@ def draw_segments(
         for index in keep.nonzero().flatten().tolist():
             name = str(categories[int(labels[index])]["name"])
             names.append(f"{name} {float(scores[index]):.2f}" if scores is not None else name)
-        out = draw_bounding_boxes(out, boxes, labels=names, colors=[colors[i] for i in keep.nonzero().flatten().tolist()])
+        box_colors = [colors[i] for i in keep.nonzero().flatten().tolist()]
+        out = draw_bounding_boxes(out, boxes, labels=names, colors=box_colors)
     return out
 
 
 def draw_prediction(
-    image: torch.Tensor, prediction: Mapping[str, Any], categories: Sequence[Mapping[str, Any]], score_threshold: float = 0.5
+    image: torch.Tensor,
+    prediction: Mapping[str, Any],
+    categories: Sequence[Mapping[str, Any]],
+    score_threshold: float = 0.5,
 ) -> torch.Tensor:
     """Overlay one image's prediction (panoptic if present, else instances, else semantic argmax)."""
     if "panoptic_seg" in prediction:
         seg = prediction["panoptic_seg"].cpu()
         infos = prediction["segments_info"]
-        masks = torch.stack([seg == info["id"] for info in infos]) if infos else torch.zeros(0, *seg.shape, dtype=torch.bool)
+        if infos:
+            masks = torch.stack([seg == info["id"] for info in infos])
+        else:
+            masks = torch.zeros(0, *seg.shape, dtype=torch.bool)
         return draw_segments(image, masks, [i["label"] for i in infos], categories, [i["score"] for i in infos])
     if "instances" in prediction:
         inst = prediction["instances"]
         keep = inst["scores"].cpu() >= score_threshold
-        return draw_segments(
-            image, inst["masks"].cpu()[keep], inst["labels"].cpu()[keep].tolist(), categories, inst["scores"].cpu()[keep].tolist()
-        )
+        labels, scores = inst["labels"].cpu()[keep].tolist(), inst["scores"].cpu()[keep].tolist()
+        return draw_segments(image, inst["masks"].cpu()[keep], labels, categories, scores)
     labels = prediction["sem_seg"].argmax(0).cpu()
     present = labels.unique().tolist()
     return draw_segments(image, torch.stack([labels == c for c in present]), present, categories)
 
 
-def draw_target(image: torch.Tensor, target: Mapping[str, Any], categories: Sequence[Mapping[str, Any]]) -> torch.Tensor:
+def draw_target(
+    image: torch.Tensor, target: Mapping[str, Any], categories: Sequence[Mapping[str, Any]]
+) -> torch.Tensor:
     """Overlay one image's ground-truth segments (masks cropped to the image)."""
     height, width = image.shape[-2:]
     masks = target["masks"][:, :height, :width]

@@ -182,7 +182,7 @@ def test_convert_command_line_writes_a_loadable_model(tmp_path):
 
     reference = hf_model(resnet_config())
     reference.save_pretrained(tmp_path / "hf")
-    result = run_script(["-m", "densepred.convert.models", str(tmp_path / "hf"), str(tmp_path / "converted")])
+    result = run_script(["-m", "densepred.convert", str(tmp_path / "hf"), str(tmp_path / "converted")])
     assert result.returncode == 0, result.stderr[-3000:]
     assert sorted(p.name for p in (tmp_path / "converted").iterdir()) == ["config.json", "model.safetensors"]
     module = load_module(tmp_path / "converted").eval()

@@ -1,4 +1,5 @@
-"""Batching: pad images to a common size divisible by 32, keep a padding mask, pad targets' masks."""
+"""Batching: pad images to a common size divisible by 32, pad targets' masks. Images stay raw pixels: the
+model normalises them (`Segmenter.preprocess`, with its backbone's pixel statistics)."""
 
 from __future__ import annotations
 
@@ -7,17 +8,16 @@ from typing import Any
 
 import torch
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
 
 class Collate:
     """Collate samples into the batch of docs/architecture.md.
 
-    Images are ImageNet-normalised and padded with zeros (the mean color) bottom/right to the batch's
-    largest size rounded up to `size_divisibility`, or to `fixed_size` (LSJ); targets stay one dict per
-    image, their masks padded with False and `sem_seg` with `ignore_index`. Data issues met while loading
-    are passed on under "data_issues" (the DataModule takes them out and reports them).
+    Images keep their raw pixel values (uint8, a quarter of float32's host-to-device traffic; float 0-255
+    if a transform made them float) and are padded with zeros bottom/right to the batch's largest size
+    rounded up to `size_divisibility`, or to `fixed_size` (LSJ). The model normalises them and sets the
+    padding (outside `image_sizes`) to 0, the mean color. Targets stay one dict per image, their masks
+    padded with False and `sem_seg` with `ignore_index`. Data issues met while loading are passed on under
+    "data_issues" (the DataModule takes them out and reports them).
     """
 
     def __init__(
@@ -26,8 +26,6 @@ class Collate:
         self.size_divisibility = size_divisibility
         self.fixed_size = tuple(fixed_size) if fixed_size is not None else None
         self.ignore_index = ignore_index
-        self.mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1) * 255
-        self.std = torch.tensor(IMAGENET_STD).view(3, 1, 1) * 255
 
     def padded_size(self, sizes: list[tuple[int, int]]) -> tuple[int, int]:
         height = max(h for h, _ in sizes)
@@ -40,12 +38,11 @@ class Collate:
     def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
         sizes = [tuple(s["image"].shape[1:]) for s in samples]
         pad_h, pad_w = self.padded_size(sizes)
-        images = torch.zeros(len(samples), 3, pad_h, pad_w)
-        padding_mask = torch.ones(len(samples), pad_h, pad_w, dtype=torch.bool)
+        raw = all(s["image"].dtype == torch.uint8 for s in samples)
+        images = torch.zeros(len(samples), 3, pad_h, pad_w, dtype=torch.uint8 if raw else torch.float32)
         targets = []
-        for i, (sample, (h, w)) in enumerate(zip(samples, sizes)):
-            images[i, :, :h, :w] = (sample["image"].float() - self.mean) / self.std
-            padding_mask[i, :h, :w] = False
+        for i, (sample, (h, w)) in enumerate(zip(samples, sizes, strict=True)):
+            images[i, :, :h, :w] = sample["image"]
             target = dict(sample["target"])
             masks = torch.zeros(target["masks"].shape[0], pad_h, pad_w, dtype=torch.bool)
             masks[:, :h, :w] = target["masks"]
@@ -57,7 +54,6 @@ class Collate:
             targets.append(target)
         return {
             "images": images,
-            "padding_mask": padding_mask,
             "targets": targets,
             "image_ids": [s["image_id"] for s in samples],
             "image_sizes": sizes,

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from hydra.utils import instantiate
 from lightning import Callback, LightningDataModule, Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from densepred.engine.loading import init_from
@@ -16,6 +18,8 @@ from densepred.engine.module import SegmentationModule
 MAIN_METRIC = {"panoptic": "val/PQ", "instance": "val/segm/AP", "semantic": "val/mIoU"}
 
 OmegaConf.register_new_resolver("main_metric", lambda task: MAIN_METRIC[task], replace=True)
+
+log = logging.getLogger(__name__)
 
 
 def container(node: Any) -> Any:
@@ -37,10 +41,15 @@ def build_datamodule(cfg: DictConfig) -> LightningDataModule:
 
 
 def build_module(cfg: DictConfig, metadata: Any) -> SegmentationModule:
-    """The LightningModule for `cfg` (backbone, neck, head, criterion, optimizer, scheduler, postprocess),
-    starting from the weights of `cfg.init_from` when set (fine-tuning a trained or converted model)."""
+    """The LightningModule for `cfg` (backbone, neck, head, criterion, optimizer, scheduler, postprocess, and
+    `pixel_mean` / `pixel_std` when set: else the backbone's statistics normalise the input), starting from
+    the weights of `cfg.init_from` when set (fine-tuning a trained or converted model)."""
+    model = {"backbone": container(cfg.backbone), "neck": container(cfg.neck), "head": container(cfg.head)}
+    for key in ("pixel_mean", "pixel_std"):
+        if cfg.get(key) is not None:
+            model[key] = [float(v) for v in container(cfg[key])]
     module = SegmentationModule(
-        model={"backbone": container(cfg.backbone), "neck": container(cfg.neck), "head": container(cfg.head)},
+        model=model,
         criterion=container(cfg.criterion),
         metadata=metadata_dict(metadata),
         task=cfg.data.task,
@@ -52,7 +61,9 @@ def build_module(cfg: DictConfig, metadata: Any) -> SegmentationModule:
     )
     if cfg.get("init_from"):
         skipped = init_from(module, cfg.init_from)
-        print(f"init_from={cfg.init_from}: loaded the model weights" + (f"; re-initialised {skipped} (shape differs)" if skipped else ""))
+        reinitialised = f"; re-initialised {skipped} (shape differs)" if skipped else ""
+        if rank_zero_only.rank == 0:
+            log.info(f"init_from={cfg.init_from}: loaded the model weights{reinitialised}")
     return module
 
 

@@ -1,9 +1,9 @@
-"""Lightning callbacks: validation overlays and a safetensors export of the trained weights."""
+"""Lightning callbacks: validation overlays and a safetensors export of the trained weights (the prediction
+writer of `Trainer.predict` is in `densepred.engine.prediction`)."""
 
 from __future__ import annotations
 
-import json
-from collections.abc import Mapping
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -12,25 +12,16 @@ import torch.nn.functional as F
 from lightning import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
-from safetensors.torch import save
-from torchvision.io import write_png
 
-from densepred.evaluation.base import atomic_write_bytes
-from densepred.visualization import denormalize, draw_prediction, draw_target
+from densepred.export_format import write_export
+from densepred.visualization import draw_prediction, draw_target, save_png
 
-
-def write_export(folder: str | Path, config: Mapping[str, Any], state_dict: Mapping[str, torch.Tensor]) -> Path:
-    """Write `model.safetensors` (Segmenter weights) and `config.json` (what rebuilds the model: its parts,
-    criterion, post-processing and dataset metadata) into `folder`, each atomically. Returns the weights file."""
-    folder = Path(folder)
-    tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
-    atomic_write_bytes(folder / "model.safetensors", save(tensors, metadata={"format": "pt"}))
-    atomic_write_bytes(folder / "config.json", json.dumps(dict(config), indent=2, default=str).encode())
-    return folder / "model.safetensors"
+log = logging.getLogger(__name__)
 
 
 class SafetensorsExport(Callback):
-    """At the end of fit, export the best checkpoint's weights (or the last ones) to `<dirpath>/`."""
+    """At the end of fit, export the best checkpoint's weights (or the last ones) to `<dirpath>/`, with the
+    model's input normalisation recorded in its config.json (`densepred.export_format`)."""
 
     def __init__(self, dirpath: str) -> None:
         self.dirpath = dirpath
@@ -44,7 +35,8 @@ class SafetensorsExport(Callback):
         else:
             state = pl_module.model.state_dict()
         config = {k: v for k, v in dict(pl_module.hparams).items() if k != "output_dir"}
-        print(f"Exported weights to {write_export(self.dirpath, config, state)}")
+        weights = write_export(self.dirpath, config, state, normalization=pl_module.model.normalization)
+        log.info(f"Exported weights to {weights}")
 
 
 class ValidationOverlays(Callback):
@@ -61,7 +53,13 @@ class ValidationOverlays(Callback):
 
     @rank_zero_only
     def on_validation_batch_end(
-        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
     ) -> None:
         if trainer.sanity_checking or not outputs or self.drawn >= self.num_images:
             return
@@ -69,15 +67,17 @@ class ValidationOverlays(Callback):
         for index in range(min(self.num_images - self.drawn, len(outputs))):
             h, w = batch["image_sizes"][index]
             height, width = batch["orig_sizes"][index]
-            image = denormalize(batch["images"][index, :, :h, :w].float().cpu())
-            image = F.interpolate(image[None].float(), size=(height, width), mode="bilinear", align_corners=False)[0]
+            image = batch["images"][index, :, :h, :w].float().cpu()  # raw pixels (the model normalises its copy)
+            image = F.interpolate(image[None], size=(height, width), mode="bilinear", align_corners=False)[0]
             image = image.round().clamp(0, 255).to(torch.uint8)
             target = dict(batch["targets"][index])
             masks = target["masks"][:, :h, :w].float().cpu()
-            target["masks"] = F.interpolate(masks[None], size=(height, width), mode="nearest")[0].bool() if len(masks) else masks
-            panel = torch.cat([draw_prediction(image, outputs[index], categories), draw_target(image, target, categories)], dim=2)
-            self.dirpath.mkdir(parents=True, exist_ok=True)
-            write_png(panel, str(self.dirpath / f"step{trainer.global_step:07d}_image{self.drawn}.png"))
+            if len(masks):
+                masks = F.interpolate(masks[None], size=(height, width), mode="nearest")[0].bool()
+            target["masks"] = masks
+            prediction = draw_prediction(image, outputs[index], categories)
+            panel = torch.cat([prediction, draw_target(image, target, categories)], dim=2)
+            save_png(panel, self.dirpath / f"step{trainer.global_step:07d}_image{self.drawn}.png")
             for logger in trainer.loggers:
                 if isinstance(logger, TensorBoardLogger):
                     logger.experiment.add_image(f"val/overlay_{self.drawn}", panel, global_step=trainer.global_step)

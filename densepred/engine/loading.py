@@ -1,21 +1,22 @@
 """Load a trained or converted model for evaluation, prediction or fine-tuning.
 
 Accepted: a Lightning checkpoint (`.ckpt` written by train.py), or a folder with `config.json` +
-`model.safetensors` (the run's `export/` folder, or `python -m model.convert` output).
+`model.safetensors` (the run's `export/` folder, or `python -m densepred.convert` output; the format
+is `densepred.export_format`'s). An export's recorded input normalisation (`model.pixel_mean` /
+`pixel_std`) is passed back to the rebuilt Segmenter.
 """
 
 from __future__ import annotations
 
 import copy
-import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 
 from densepred.engine.module import SegmentationModule
+from densepred.export_format import read_export
 
 
 def without_pretrained(model_config: Mapping[str, Any]) -> dict[str, Any]:
@@ -35,18 +36,16 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.T
         try:
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as error:  # noqa: BLE001 - any unpickling failure gets the same clear message
-            raise ValueError(f"checkpoint={path}: not a readable Lightning checkpoint ({type(error).__name__}: {error})") from None
+            reason = f"{type(error).__name__}: {error}"
+            raise ValueError(f"checkpoint={path}: not a readable Lightning checkpoint ({reason})") from None
         if "state_dict" not in checkpoint or "hyper_parameters" not in checkpoint:
-            raise ValueError(f"checkpoint={path}: has no 'state_dict' / 'hyper_parameters'; was it written by train.py?")
+            raise ValueError(
+                f"checkpoint={path}: has no 'state_dict' / 'hyper_parameters'; was it written by train.py?"
+            )
         return dict(checkpoint["hyper_parameters"]), checkpoint["state_dict"]
     if path.is_dir():
-        config_file, weights_file = path / "config.json", path / "model.safetensors"
-        for needed in (config_file, weights_file):
-            if not needed.is_file():
-                raise ValueError(f"checkpoint={path}: {needed.name} is missing; expected a train.py export or model.convert output")
-        settings = json.loads(config_file.read_text())
-        state = {f"model.{k}": v for k, v in load_file(str(weights_file)).items()}
-        return settings, state
+        settings, weights = read_export(path, source=f"checkpoint={path}")
+        return settings, {f"model.{k}": v for k, v in weights.items()}
     raise ValueError(f"checkpoint={path}: no such file or folder")
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+import logging
 import random
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -13,13 +13,14 @@ import torch
 from hydra.utils import instantiate
 from lightning import LightningModule
 
+from densepred.data.base import TASKS
 from densepred.engine.optim import build_adamw
 from densepred.engine.schedules import build_scheduler
+from densepred.evaluation.build import EVALUATIONS, build_evaluators
 from densepred.segmenter import Segmenter
+from densepred.utils.io import atomic_write_json
 
-TASKS = ("panoptic", "instance", "semantic")
-# What each training task evaluates (Mask2Former: a panoptic model is also scored on AP and mIoU).
-EVALUATIONS = {"panoptic": ("panoptic", "instance", "semantic"), "instance": ("instance",), "semantic": ("semantic",)}
+log = logging.getLogger(__name__)
 
 
 class SegmentationModule(LightningModule):
@@ -77,18 +78,25 @@ class SegmentationModule(LightningModule):
         )
 
     def forward(self, images: torch.Tensor) -> dict[str, Any]:
-        """images (B, 3, H, W) normalised -> raw head outputs."""
+        """images (B, 3, H, W) normalised (`self.model.preprocess`) -> raw head outputs."""
         return self.model(images)
+
+    def _outputs(self, batch: Mapping[str, Any]) -> dict[str, Any]:
+        """Raw head outputs for a collated batch: its raw images normalised by the model, padding zeroed."""
+        return self.model(self.model.preprocess(batch["images"], batch["image_sizes"]))
 
     @torch.no_grad()
     def predict(self, batch: Mapping[str, Any]) -> list[dict[str, Any]]:
         """Post-processed predictions at each image's original size (see docs/architecture.md)."""
-        outputs = self.model(batch["images"])
-        return self.postprocess(outputs, batch["image_sizes"], batch["orig_sizes"])
+        return self.postprocess(self._outputs(batch), batch["image_sizes"], batch["orig_sizes"])
+
+    def predict_step(self, batch: Mapping[str, Any], batch_idx: int, dataloader_idx: int = 0) -> list[dict[str, Any]]:
+        """`Trainer.predict`: the post-processed predictions of the batch (a prediction writer saves them)."""
+        return self.predict(batch)
 
     # --------------------------------------------------------------- training
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
-        outputs = self.model(batch["images"])
+        outputs = self._outputs(batch)
         losses = self.criterion(outputs, batch["targets"])
         loss = torch.stack(list(losses.values())).sum()
         batch_size = batch["images"].shape[0]
@@ -121,35 +129,12 @@ class SegmentationModule(LightningModule):
 
     # ------------------------------------------------------------- evaluation
     def setup(self, stage: str) -> None:
+        """Build the evaluators of the split(s) of `stage` from the ground truth the datamodule declares."""
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if datamodule is None:
             return
-        if stage in ("fit", "validate"):
-            self.evaluators["val"] = self._build_evaluators(datamodule.val_dataset)
-        if stage == "test":
-            self.evaluators["test"] = self._build_evaluators(datamodule.test_dataset)
-
-    def _build_evaluators(self, dataset: Any) -> dict[str, Any]:
-        """The evaluators of this task for `dataset` (its metadata and ground-truth files)."""
-        from densepred.evaluation import COCOInstanceEvaluator, PanopticEvaluator, SemanticEvaluator
-
-        meta = dataset.metadata
-        evaluators: dict[str, Any] = {}
-        if "panoptic" in self.evaluations:
-            if dataset.panoptic_json is None:
-                raise ValueError("panoptic evaluation needs the dataset's panoptic_json and panoptic_root (data.val.*)")
-            evaluators["panoptic"] = PanopticEvaluator(
-                dataset.panoptic_json, dataset.panoptic_root, list(meta.categories), meta.contiguous_to_dataset_id
-            )
-        if "instance" in self.evaluations and dataset.ann_file is not None:
-            # Instances files list the thing categories only (COCO: 80 of the 133 panoptic classes).
-            things = {k: meta.contiguous_to_dataset_id[k] for k in meta.thing_classes}
-            evaluators["instance"] = COCOInstanceEvaluator(dataset.ann_file, things)
-        if "semantic" in self.evaluations:
-            evaluators["semantic"] = SemanticEvaluator(
-                meta.num_classes, meta.ignore_index, dataset.load_semantic_gt, meta.class_names
-            )
-        return evaluators
+        for split in {"fit": ["val"], "validate": ["val"], "test": ["test"]}.get(stage, []):
+            self.evaluators[split] = build_evaluators(self.evaluations, datamodule.ground_truth(split))
 
     def _eval_step(self, split: str, batch: Mapping[str, Any]) -> list[dict[str, Any]]:
         predictions = self.predict(batch)
@@ -168,11 +153,11 @@ class SegmentationModule(LightningModule):
             for evaluator in evaluators.values():
                 evaluator.write(folder)
         if self.trainer.is_global_zero:
-            print(f"\n{split} metrics at step {self.global_step}:")
-            for evaluator in evaluators.values():
-                print(evaluator.table())
+            tables = "\n".join(evaluator.table() for evaluator in evaluators.values())
+            log.info(f"{split} metrics at step {self.global_step}:\n{tables}")
             if folder is not None:
-                self._write_metrics(folder / f"metrics_step{self.global_step:07d}.json", results)
+                metrics = {k: float(v) for k, v in results.items()}  # NaN is written as null
+                atomic_write_json(folder / f"metrics_step{self.global_step:07d}.json", metrics)
         for evaluator in evaluators.values():
             evaluator.reset()
         self.last_results = results
@@ -180,13 +165,6 @@ class SegmentationModule(LightningModule):
 
     def _eval_folder(self, split: str) -> Path | None:
         return Path(self.output_dir) / f"eval_{split}" if self.output_dir else None
-
-    @staticmethod
-    def _write_metrics(path: Path, results: Mapping[str, float]) -> None:
-        from densepred.evaluation.base import atomic_write_bytes
-
-        clean = {k: (None if v != v else float(v)) for k, v in results.items()}  # NaN -> null
-        atomic_write_bytes(path, json.dumps(clean, indent=2).encode())
 
     def on_validation_epoch_start(self) -> None:
         for evaluator in self.evaluators.get("val", {}).values():
