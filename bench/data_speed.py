@@ -20,10 +20,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from densepred.data import CocoInstanceDataset, CocoPanopticDataset, Collate, build_transform, generate_synthetic  # noqa: E402
-from densepred.data.transforms import recipe_fixed_size  # noqa: E402
+from densepred.data import CocoInstanceDataset, CocoPanopticDataset, Collate, build_transform, generate_synthetic
+from densepred.data.transforms import recipe_fixed_size
 
 
 def time_pipeline(dataset, collate: Collate, batch_size: int) -> float:

@@ -44,12 +44,11 @@ from transformers import (
     SwinConfig,
 )
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from bench.backbone_speed import cpu_name  # noqa: E402
-from densepred.convert.mask2former import convert_mask2former  # noqa: E402
-from densepred.convert.maskformer import convert_maskformer  # noqa: E402
-from densepred.segmenter import Segmenter  # noqa: E402
+from backbone_speed import cpu_name  # bench/ is the script's folder
+from densepred.convert.mask2former import convert_mask2former
+from densepred.convert.maskformer import convert_maskformer
+from densepred.segmenter import Segmenter
 
 STAGES = ["stage1", "stage2", "stage3", "stage4"]
 NUM_CLASSES = 133  # COCO panoptic
