@@ -100,9 +100,7 @@ class Backbone(nn.Module):
     def out_indices(self, out_indices: Sequence[int] | None) -> None:
         self.set_outputs(out_indices=out_indices)
 
-    def set_outputs(
-        self, out_features: Sequence[str] | None = None, out_indices: Sequence[int] | None = None
-    ) -> None:
+    def set_outputs(self, out_features: Sequence[str] | None = None, out_indices: Sequence[int] | None = None) -> None:
         """Select other output stages on a built backbone; both attributes are re-aligned."""
         self._out_features, self._out_indices = get_aligned_output_features_output_indices(
             out_features, out_indices, self.stage_names

@@ -44,7 +44,10 @@ from densepred.utils.io import atomic_write
 CONFIG_NAME = "config.json"
 # Weight files of a folder or Hub repo, in order of preference (safetensors first).
 WEIGHT_NAMES = (
-    "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json"
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
 )
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt", ".ckpt")
 HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
@@ -140,7 +143,9 @@ def resolve_checkpoint(name_or_path: str | os.PathLike, revision: str | None = N
     path = Path(source).expanduser()
     if path.is_file():
         if not path.name.endswith(WEIGHT_SUFFIXES):
-            raise ValueError(f"{path} is not a weights file: expected one of {WEIGHT_SUFFIXES}, a folder or a Hub repo id")
+            raise ValueError(
+                f"{path} is not a weights file: expected one of {WEIGHT_SUFFIXES}, a folder or a Hub repo id"
+            )
         return Checkpoint(source, None, [path])
     if path.is_dir():
         config = _read_json(path / CONFIG_NAME) if (path / CONFIG_NAME).is_file() else None
@@ -180,7 +185,9 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         try:
             return load_file(path, device="cpu")
         except (SafetensorError, OSError) as error:
-            raise ValueError(f"{path} is not a valid safetensors file ({error}); download or convert it again") from error
+            raise ValueError(
+                f"{path} is not a valid safetensors file ({error}); download or convert it again"
+            ) from error
     try:
         value = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
@@ -222,11 +229,15 @@ def read_weights(checkpoint: Checkpoint) -> dict[str, torch.Tensor]:
     return state_dict
 
 
-def read_hf_checkpoint(name_or_path: str, revision: str | None = None) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+def read_hf_checkpoint(
+    name_or_path: str, revision: str | None = None
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """(config.json, state dict) of a transformers checkpoint: a local folder or a Hub repo id."""
     checkpoint = resolve_checkpoint(name_or_path, revision)
     if checkpoint.config is None:
-        raise ValueError(f"{name_or_path} has no config.json: a transformers checkpoint is a folder or Hub repo with one")
+        raise ValueError(
+            f"{name_or_path} has no config.json: a transformers checkpoint is a folder or Hub repo with one"
+        )
     return checkpoint.config, read_weights(checkpoint)
 
 

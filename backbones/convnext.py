@@ -45,8 +45,12 @@ class ConvNeXtBackbone(Backbone):
             in_channels=in_channels,
         )
         self._set_config(
-            depths=list(depths), dims=list(dims), drop_path_rate=drop_path_rate,
-            layer_scale_init_value=layer_scale_init_value, freeze_at=freeze_at, in_channels=in_channels,
+            depths=list(depths),
+            dims=list(dims),
+            drop_path_rate=drop_path_rate,
+            layer_scale_init_value=layer_scale_init_value,
+            freeze_at=freeze_at,
+            in_channels=in_channels,
         )
         net = TimmConvNeXt(
             in_chans=in_channels,

@@ -88,7 +88,11 @@ CONVNEXT_RULES: list[Rule] = [
 
 RULES = {"resnet": RESNET_RULES, "swin": SWIN_RULES, "maskformer-swin": SWIN_RULES, "convnext": CONVNEXT_RULES}
 # Keys only one family has: used to tell a bare transformers state dict's family.
-SIGNATURES = {"resnet": "embedder.embedder.", "swin": "embeddings.patch_embeddings.projection.", "convnext": "encoder.stages."}
+SIGNATURES = {
+    "resnet": "embedder.embedder.",
+    "swin": "embeddings.patch_embeddings.projection.",
+    "convnext": "encoder.stages.",
+}
 
 
 def _require(config: Mapping[str, Any], key: str, supported: Any, default: Any) -> None:

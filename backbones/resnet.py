@@ -67,8 +67,14 @@ class ResNetBackbone(Backbone):
             in_channels=in_channels,
         )
         self._set_config(
-            block=block_name, layers=list(layers), norm=norm, drop_path_rate=drop_path_rate, freeze_at=freeze_at,
-            in_channels=in_channels, stage_channels=list(stage_channels), stem_channels=stem_channels,
+            block=block_name,
+            layers=list(layers),
+            norm=norm,
+            drop_path_rate=drop_path_rate,
+            freeze_at=freeze_at,
+            in_channels=in_channels,
+            stage_channels=list(stage_channels),
+            stem_channels=stem_channels,
         )
         self.conv1 = nn.Conv2d(in_channels, stem_channels, kernel_size=7, stride=2, padding=3, bias=False)
         self.bn1 = nn.BatchNorm2d(stem_channels)
@@ -101,7 +107,13 @@ class ResNetBackbone(Backbone):
                 module.zero_init_last()
 
     def stage_modules(self) -> list[list[nn.Module]]:
-        return [[self.conv1, self.bn1, self.act1, self.maxpool], [self.layer1], [self.layer2], [self.layer3], [self.layer4]]
+        return [
+            [self.conv1, self.bn1, self.act1, self.maxpool],
+            [self.layer1],
+            [self.layer2],
+            [self.layer3],
+            [self.layer4],
+        ]
 
     def forward_features(self, pixel_values: torch.Tensor, positions: list[int]) -> tuple[torch.Tensor, ...]:
         outputs = []

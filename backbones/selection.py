@@ -34,8 +34,7 @@ def _as_list(value, key: str, item_type: type, stage_names: Sequence[str]) -> li
     for item in items:
         if not isinstance(item, item_type) or isinstance(item, bool):
             raise ValueError(
-                f"{key} must hold {item_type.__name__} values, got {item!r} in {items}. "
-                f"The {_valid(stage_names)}."
+                f"{key} must hold {item_type.__name__} values, got {item!r} in {items}. The {_valid(stage_names)}."
             )
     if not items:
         raise ValueError(f"{key} is empty: select at least one stage. The {_valid(stage_names)}.")

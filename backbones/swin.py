@@ -153,9 +153,15 @@ class SwinBackbone(Backbone):
             in_channels=in_channels,
         )
         self._set_config(
-            embed_dim=embed_dim, depths=list(depths), num_heads=list(num_heads),
-            window_size=window_size, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, drop_path_rate=drop_path_rate,
-            freeze_at=freeze_at, in_channels=in_channels,
+            embed_dim=embed_dim,
+            depths=list(depths),
+            num_heads=list(num_heads),
+            window_size=window_size,
+            mlp_ratio=mlp_ratio,
+            qkv_bias=qkv_bias,
+            drop_path_rate=drop_path_rate,
+            freeze_at=freeze_at,
+            in_channels=in_channels,
         )
         self.patch_embed = PatchEmbed(
             img_size=None,
@@ -167,7 +173,9 @@ class SwinBackbone(Backbone):
             strict_img_size=False,
             dynamic_img_pad=True,
         )
-        rates = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").split(list(depths))  # floats, on any device
+        rates = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").split(
+            list(depths)
+        )  # floats, on any device
         self.layers = nn.ModuleList(
             SwinStage(
                 in_dim=dims[max(i - 1, 0)],

@@ -91,9 +91,14 @@ def main() -> None:
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
     autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else contextlib.nullcontext
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
-    print(f"# forward+backward, batch {args.batch}, {args.size}x{args.size}, {args.device} ({where}), "
-          f"{torch.get_num_threads()} threads, amp={args.amp}, torch {torch.__version__}, timm {timm.__version__}")
-    print("| model | native ms | timm ms | native / timm |" + (" native MiB | timm MiB |" if device.type == "cuda" else ""))
+    print(
+        f"# forward+backward, batch {args.batch}, {args.size}x{args.size}, {args.device} ({where}), "
+        f"{torch.get_num_threads()} threads, amp={args.amp}, torch {torch.__version__}, timm {timm.__version__}"
+    )
+    print(
+        "| model | native ms | timm ms | native / timm |"
+        + (" native MiB | timm MiB |" if device.type == "cuda" else "")
+    )
     print("|---|---|---|---|" + ("---|---|" if device.type == "cuda" else ""))
     for name in args.models:
         torch.manual_seed(0)

@@ -13,13 +13,10 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import sys
 import tempfile
 import time
-from pathlib import Path
 
 import torch
-
 
 from densepred.data import CocoInstanceDataset, CocoPanopticDataset, Collate, build_transform, generate_synthetic
 from densepred.data.transforms import recipe_fixed_size
@@ -42,19 +39,39 @@ def main() -> None:
     torch.set_num_threads(1)
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
-        root = generate_synthetic(tmp, num_train=args.images, num_val=0, min_size=480, max_size=640,
-                                  min_things=14, max_things=20, crowd_prob=0.2, seed=0)
+        root = generate_synthetic(
+            tmp,
+            num_train=args.images,
+            num_val=0,
+            min_size=480,
+            max_size=640,
+            min_things=14,
+            max_things=20,
+            crowd_prob=0.2,
+            seed=0,
+        )
         recipe = {"recipe": "lsj", "size": 1024, "scale": [0.1, 2.0]}
         collate = Collate(32, recipe_fixed_size(**recipe))
         ann = root / "annotations"
         datasets = {
-            "instance (instances JSON)": CocoInstanceDataset(ann / "instances_train2017.json", root / "train2017", build_transform(**recipe)),
-            "panoptic (panoptic PNGs)": CocoPanopticDataset(ann / "panoptic_train2017.json", ann / "panoptic_train2017",
-                                                            root / "train2017", build_transform(**recipe)),
+            "instance (instances JSON)": CocoInstanceDataset(
+                ann / "instances_train2017.json", root / "train2017", build_transform(**recipe)
+            ),
+            "panoptic (panoptic PNGs)": CocoPanopticDataset(
+                ann / "panoptic_train2017.json",
+                ann / "panoptic_train2017",
+                root / "train2017",
+                build_transform(**recipe),
+            ),
         }
         segments = [len(datasets["panoptic (panoptic PNGs)"].load_raw(k)["labels"]) for k in range(args.images)]
-        print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, 1 thread")
-        print(f"{args.images} JPEGs 480..640 px a side, {sum(segments) / len(segments):.1f} segments per image (panoptic), LSJ 1024, batch {args.batch_size}")
+        print(
+            f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, 1 thread"
+        )
+        print(
+            f"{args.images} JPEGs 480..640 px a side, {sum(segments) / len(segments):.1f}"
+            f" segments per image (panoptic), LSJ 1024, batch {args.batch_size}"
+        )
         for name, dataset in datasets.items():
             rate = time_pipeline(dataset, collate, args.batch_size)
             print(f"  {name:<28} {rate:6.1f} images/s per worker ({1000 / rate:5.1f} ms/image)")

@@ -26,14 +26,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 import transformers
+from backbone_speed import cpu_name  # bench/ is the script's folder
 from timm.layers import freeze_batch_norm_2d
 from transformers import (
     Mask2FormerConfig,
@@ -44,8 +43,6 @@ from transformers import (
     SwinConfig,
 )
 
-
-from backbone_speed import cpu_name  # bench/ is the script's folder
 from densepred.convert.mask2former import convert_mask2former
 from densepred.convert.maskformer import convert_maskformer
 from densepred.segmenter import Segmenter
@@ -56,14 +53,21 @@ NUM_CLASSES = 133  # COCO panoptic
 
 def swin_tiny_config(out_features: list[str] | None) -> SwinConfig:
     return SwinConfig(
-        embed_dim=96, depths=[2, 2, 6, 2], num_heads=[3, 6, 12, 24], window_size=7, drop_path_rate=0.3,
+        embed_dim=96,
+        depths=[2, 2, 6, 2],
+        num_heads=[3, 6, 12, 24],
+        window_size=7,
+        drop_path_rate=0.3,
         out_features=out_features,
     )
 
 
 def resnet50_config() -> ResNetConfig:
     return ResNetConfig(
-        embedding_size=64, hidden_sizes=[256, 512, 1024, 2048], depths=[3, 4, 6, 3], layer_type="bottleneck",
+        embedding_size=64,
+        hidden_sizes=[256, 512, 1024, 2048],
+        depths=[3, 4, 6, 3],
+        layer_type="bottleneck",
         out_features=STAGES,
     )
 
@@ -140,7 +144,7 @@ def check_agreement(name: str, ours: Segmenter, reference: torch.nn.Module, x: t
     if len(got) != len(want):
         raise AssertionError(f"{name}: {len(got) // 2} predictions from ours, {len(want) // 2} from transformers")
     worst = largest = 0.0
-    for a, b in zip(got, want):
+    for a, b in zip(got, want, strict=True):
         if a.shape != b.shape:
             raise AssertionError(f"{name}: output shapes differ, ours {tuple(a.shape)} vs {tuple(b.shape)}")
         diff = (a - b).abs().max().item()
@@ -216,9 +220,11 @@ def main() -> None:
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
     where = torch.cuda.get_device_name(device) if cuda else f"{cpu_name()}, {torch.get_num_threads()} threads"
     height, width = args.size
-    print(f"# batch {args.batch}, {height}x{width}, {args.device} ({where}), amp={args.amp}, "
-          f"median of {args.steps} steps after {args.warmup}, torch {torch.__version__}, "
-          f"transformers {transformers.__version__}")
+    print(
+        f"# batch {args.batch}, {height}x{width}, {args.device} ({where}), amp={args.amp}, "
+        f"median of {args.steps} steps after {args.warmup}, torch {torch.__version__}, "
+        f"transformers {transformers.__version__}"
+    )
     header = (
         "| model | max abs diff (of largest logit) | infer ours ms | infer HF ms | ours / HF "
         "| train ours ms | train HF ms | ours / HF |"
@@ -236,13 +242,21 @@ def main() -> None:
         diff, largest = check_agreement(name, ours, reference, x)
         infer = measure(
             {"ours": step_fn(ours, ours_logits, False), "hf": step_fn(reference, reference_logits, False)},
-            x, device, autocast, args.warmup, args.steps,
+            x,
+            device,
+            autocast,
+            args.warmup,
+            args.steps,
         )
         ours.train()
         reference.train()
         train = measure(
             {"ours": step_fn(ours, ours_logits, True), "hf": step_fn(reference, reference_logits, True)},
-            x, device, autocast, args.warmup, args.steps,
+            x,
+            device,
+            autocast,
+            args.warmup,
+            args.steps,
         )
         row = f"| {name} | {diff:.1e} (of {largest:.2g}) |"
         for result in (infer, train):

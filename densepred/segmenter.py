@@ -84,8 +84,12 @@ class Segmenter(nn.Module):
         neck = instantiate(dict(config["neck"]), _partial_=True)
         head = instantiate(dict(config["head"]), _partial_=True)
         return cls(
-            backbone, neck, head, num_classes=int(config["num_classes"]),
-            pixel_mean=config.get("pixel_mean"), pixel_std=config.get("pixel_std"),
+            backbone,
+            neck,
+            head,
+            num_classes=int(config["num_classes"]),
+            pixel_mean=config.get("pixel_mean"),
+            pixel_std=config.get("pixel_std"),
         )
 
     @property
@@ -93,9 +97,7 @@ class Segmenter(nn.Module):
         """{"pixel_mean": [...], "pixel_std": [...]}, RGB in 0-1 units (what an export's config.json records)."""
         return {key: list(values) for key, values in self._normalization.items()}
 
-    def preprocess(
-        self, images: torch.Tensor, image_sizes: Sequence[tuple[int, int]] | None = None
-    ) -> torch.Tensor:
+    def preprocess(self, images: torch.Tensor, image_sizes: Sequence[tuple[int, int]] | None = None) -> torch.Tensor:
         """The batch's raw images (B, 3, Hp, Wp), uint8 or float 0-255, padded bottom/right -> normalised
         float32 pixel values, 0 on the padding (outside each image's `image_sizes`)."""
         return normalize_images(images, image_sizes, self.pixel_mean, self.pixel_std)

@@ -16,9 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from densepred.layers import MLP
-from densepred.layers import NeckOutput
-from densepred.layers import PositionEmbeddingSine
+from densepred.layers import MLP, NeckOutput, PositionEmbeddingSine
 
 
 def masked_attention_mask(mask_logits: torch.Tensor, size: tuple[int, int], num_heads: int) -> torch.Tensor:

@@ -14,9 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from densepred.layers import MLP
-from densepred.layers import NeckOutput
-from densepred.layers import PositionEmbeddingSine
+from densepred.layers import MLP, NeckOutput, PositionEmbeddingSine
 
 
 class DetrDecoderLayer(nn.Module):
@@ -118,5 +116,5 @@ class MaskFormerHead(nn.Module):
         hidden = self.decoder(torch.zeros_like(query_pos), memory, pos, query_pos)  # (L, B, Q, C)
         logits = self.class_embed(hidden)
         masks = torch.einsum("lbqc,bchw->lbqhw", self.mask_embed(hidden), neck_output.mask_features)
-        aux = [{"pred_logits": a, "pred_masks": b} for a, b in zip(logits[:-1], masks[:-1])]
+        aux = [{"pred_logits": a, "pred_masks": b} for a, b in zip(logits[:-1], masks[:-1], strict=True)]
         return {"pred_logits": logits[-1], "pred_masks": masks[-1], "aux_outputs": aux}

@@ -32,6 +32,8 @@ def check_mask_loss(mask_loss: str, owner: str) -> None:
     """`mask_loss` (matcher cost and criterion loss): "point" (sampled points) or "full" (every pixel)."""
     if mask_loss not in MASK_LOSSES:
         raise ValueError(f"{owner} mask_loss must be one of {MASK_LOSSES}, got {mask_loss!r}.")
+
+
 # Mask and class logits are clamped to this range before costing: +-inf would give inf * 0 = NaN in the
 # pair-wise sums, while sigmoid / softmax are already saturated far below it.
 LOGIT_LIMIT = 1e4

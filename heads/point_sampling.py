@@ -27,7 +27,9 @@ def uncertainty(logits: torch.Tensor) -> torch.Tensor:
     return -logits.abs()
 
 
-def check_sampling_ratios(oversample_ratio: float, importance_sample_ratio: float, owner: str = "point sampling") -> None:
+def check_sampling_ratios(
+    oversample_ratio: float, importance_sample_ratio: float, owner: str = "point sampling"
+) -> None:
     """Refuse ratios the uncertain-point sampler cannot use, naming `owner` (e.g. the criterion)."""
     if oversample_ratio < 1:
         raise ValueError(f"{owner} oversample_ratio must be >= 1, got {oversample_ratio}.")

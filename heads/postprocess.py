@@ -81,7 +81,7 @@ def panoptic_inference(
     columns = (segment_number[opens], labels_cpu[opens], thing[opens], scores.cpu()[opens])
     segments_info = [
         {"id": segment_id, "label": label, "isthing": is_thing_label, "score": score}
-        for segment_id, label, is_thing_label, score in zip(*(column.tolist() for column in columns))
+        for segment_id, label, is_thing_label, score in zip(*(column.tolist() for column in columns), strict=True)
     ]
     return panoptic_seg, segments_info
 
@@ -188,7 +188,7 @@ class PostProcessor(nn.Module):
             return [
                 self._process_image(image_class_logits.float(), image_mask_logits.float(), image_size, orig_size)
                 for image_class_logits, image_mask_logits, image_size, orig_size in zip(
-                    class_logits, mask_logits, image_sizes, orig_sizes
+                    class_logits, mask_logits, image_sizes, orig_sizes, strict=True
                 )
             ]
 
@@ -208,7 +208,9 @@ class PostProcessor(nn.Module):
             )
         masks = F.interpolate(mask_logits[None], size=padded_size, mode="bilinear", align_corners=False)
         masks = masks[:, :, :height, :width]
-        masks = F.interpolate(masks, size=(int(orig_size[0]), int(orig_size[1])), mode="bilinear", align_corners=False)[0]  # (Q, H, W)
+        masks = F.interpolate(masks, size=(int(orig_size[0]), int(orig_size[1])), mode="bilinear", align_corners=False)[
+            0
+        ]  # (Q, H, W)
         result: dict[str, Any] = {}
         if self.semantic_on:
             result["sem_seg"] = semantic_inference(class_logits, masks)

@@ -10,6 +10,7 @@ from torch import nn
 from torchvision.ops import FeaturePyramidNetwork
 
 from densepred.layers import NeckOutput
+
 from .pixel_decoder import check_pyramid
 
 

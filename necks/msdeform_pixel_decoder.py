@@ -15,9 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from densepred.layers import NeckOutput
+from densepred.layers import NeckOutput, PositionEmbeddingSine
 from densepred.necks.ms_deform_attn import MSDeformAttn
-from densepred.layers import PositionEmbeddingSine
 
 
 class MSDeformAttnEncoderLayer(nn.Module):
@@ -172,7 +171,7 @@ class MSDeformAttnPixelDecoder(nn.Module):
         features = [f.float() for f in features]
         levels = self.num_feature_levels
         coarse = features[-levels:][::-1]  # strides 32, 16, 8
-        srcs = [proj(x) for proj, x in zip(self.input_proj, coarse)]
+        srcs = [proj(x) for proj, x in zip(self.input_proj, coarse, strict=True)]
         batch = srcs[0].shape[0]
         spatial_shapes = [(x.shape[2], x.shape[3]) for x in srcs]
         level_start_index = [0]
@@ -193,11 +192,11 @@ class MSDeformAttnPixelDecoder(nn.Module):
 
         outputs = [
             x.transpose(1, 2).reshape(batch, self.conv_dim, h, w)
-            for x, (h, w) in zip(src.split([h * w for h, w in spatial_shapes], dim=1), spatial_shapes)
+            for x, (h, w) in zip(src.split([h * w for h, w in spatial_shapes], dim=1), spatial_shapes, strict=True)
         ]
         multi_scale_features = list(outputs)
         fine = features[: len(self.lateral_convs)][::-1]  # the FPN levels, coarse to fine
-        for lateral, output_conv, x in zip(self.lateral_convs, self.output_convs, fine):
+        for lateral, output_conv, x in zip(self.lateral_convs, self.output_convs, fine, strict=True):
             y = lateral(x)
             y = y + F.interpolate(outputs[-1], size=y.shape[-2:], mode="bilinear", align_corners=False)
             outputs.append(output_conv(y))

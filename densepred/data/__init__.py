@@ -12,8 +12,20 @@ from .synthetic import ensure_synthetic, generate_synthetic
 from .transforms import build_transform
 
 __all__ = [
-    "TASKS", "SegmentationDataset", "CocoInstanceDataset", "CocoPanopticDataset", "SemanticFolderDataset",
-    "Collate", "DataModule", "DataError", "BadImageError", "DatasetMetadata", "GroundTruth", "PanopticGroundTruth",
+    "TASKS",
+    "SegmentationDataset",
+    "CocoInstanceDataset",
+    "CocoPanopticDataset",
+    "SemanticFolderDataset",
+    "Collate",
+    "DataModule",
+    "DataError",
+    "BadImageError",
+    "DatasetMetadata",
+    "GroundTruth",
+    "PanopticGroundTruth",
     "IGNORE_INDEX",
-    "ensure_synthetic", "generate_synthetic", "build_transform",
+    "ensure_synthetic",
+    "generate_synthetic",
+    "build_transform",
 ]

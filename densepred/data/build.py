@@ -51,7 +51,9 @@ def _source(task: str, split: str, settings: Mapping[str, Any]) -> str:
     return source
 
 
-def read_metadata(task: str, split: str, settings: Mapping[str, Any], class_names: Sequence[str] | None) -> DatasetMetadata:
+def read_metadata(
+    task: str, split: str, settings: Mapping[str, Any], class_names: Sequence[str] | None
+) -> DatasetMetadata:
     """The split's metadata from its categories only (no annotation index is built)."""
     source = _source(task, split, settings)
     if source == "semantic_folder":
@@ -78,17 +80,34 @@ def build_dataset(
         if not class_names:
             raise DataError("a label-map dataset (sem_seg_dir) needs data.class_names, one name per class index")
         return SemanticFolderDataset(
-            settings["img_dir"], settings["sem_seg_dir"], class_names, transform, task,
-            ignore_value=settings.get("ignore_value", 255), reduce_zero_label=settings.get("reduce_zero_label", False),
+            settings["img_dir"],
+            settings["sem_seg_dir"],
+            class_names,
+            transform,
+            task,
+            ignore_value=settings.get("ignore_value", 255),
+            reduce_zero_label=settings.get("reduce_zero_label", False),
             skip_bad_images=skip,
         )
     filter_empty = settings.get("filter_empty", train)
     if source == "instance":
         return CocoInstanceDataset(
-            settings["ann_file"], settings["img_dir"], transform, task, filter_empty, skip,
-            panoptic_json=settings.get("panoptic_json"), panoptic_root=settings.get("panoptic_root"),
+            settings["ann_file"],
+            settings["img_dir"],
+            transform,
+            task,
+            filter_empty,
+            skip,
+            panoptic_json=settings.get("panoptic_json"),
+            panoptic_root=settings.get("panoptic_root"),
         )
     return CocoPanopticDataset(
-        settings["panoptic_json"], settings["panoptic_root"], settings["img_dir"], transform, task,
-        filter_empty, skip, ann_file=settings.get("ann_file"),
+        settings["panoptic_json"],
+        settings["panoptic_root"],
+        settings["img_dir"],
+        transform,
+        task,
+        filter_empty,
+        skip,
+        ann_file=settings.get("ann_file"),
     )

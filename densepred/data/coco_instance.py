@@ -82,7 +82,9 @@ def index_instances(
         image = images.get(ann.get("image_id"))
         where = f"{path}: annotation id {ann_id}"
         if image is None:
-            issues.append(("annotation of unknown image", f"{where} refers to image id {ann.get('image_id')}, not in 'images'"))
+            issues.append(
+                ("annotation of unknown image", f"{where} refers to image id {ann.get('image_id')}, not in 'images'")
+            )
             continue
         where += f" (image id {image['id']})"
         label = metadata.dataset_id_to_contiguous.get(ann.get("category_id"))
@@ -171,7 +173,9 @@ class CocoInstanceDataset(SegmentationDataset):
         try:
             masks = decode_segmentations([a[3] for a in anns], height, width)
         except (ValueError, TypeError, OverflowError) as e:
-            raise DataError(f"image id {record['image_id']}: a segmentation cannot be decoded by pycocotools ({e})") from None
+            raise DataError(
+                f"image id {record['image_id']}: a segmentation cannot be decoded by pycocotools ({e})"
+            ) from None
         return {
             "image": image,
             "image_id": record["image_id"],

@@ -44,7 +44,9 @@ def index_images(data: Mapping[str, Any], path: str | Path) -> dict[int, dict[st
             raise DataError(f"{path}: image id {image_id} has no string 'file_name'")
         height, width = image.get("height"), image.get("width")
         if not (isinstance(height, int) and isinstance(width, int) and height > 0 and width > 0):
-            raise DataError(f"{path}: image id {image_id} needs positive integer 'height' and 'width', got {height}, {width}")
+            raise DataError(
+                f"{path}: image id {image_id} needs positive integer 'height' and 'width', got {height}, {width}"
+            )
         if image_id in images:
             raise DataError(f"{path}: image id {image_id} appears twice in 'images'; ids must be unique")
         images[image_id] = image

@@ -48,35 +48,55 @@ def index_panoptic(
     issues: list[Issue] = []
     for position, ann in enumerate(data["annotations"]):
         if not isinstance(ann, Mapping) or not isinstance(ann.get("segments_info"), list):
-            issues.append(("malformed annotation", f"{path}: annotations[{position}] needs 'image_id', 'file_name', 'segments_info'"))
+            issues.append(
+                (
+                    "malformed annotation",
+                    f"{path}: annotations[{position}] needs 'image_id', 'file_name', 'segments_info'",
+                )
+            )
             continue
         image_id = ann.get("image_id")
         if image_id not in images:
-            issues.append(("annotation of unknown image", f"{path}: annotations[{position}] refers to image id {image_id}, not in 'images'"))
+            issues.append(
+                (
+                    "annotation of unknown image",
+                    f"{path}: annotations[{position}] refers to image id {image_id}, not in 'images'",
+                )
+            )
             continue
         png_names[image_id] = ann.get("file_name") or Path(images[image_id]["file_name"]).with_suffix(".png").name
         kept = []
         for info in ann["segments_info"]:
             label = metadata.dataset_id_to_contiguous.get(info.get("category_id"))
             if not isinstance(info.get("id"), int):
-                issues.append(("malformed annotation", f"{path}: image id {image_id}: segment {info!r} has no integer 'id'"))
+                issues.append(
+                    ("malformed annotation", f"{path}: image id {image_id}: segment {info!r} has no integer 'id'")
+                )
             elif label is None:
-                issues.append(("unknown category", f"{path}: image id {image_id}, segment id {info['id']}: category id {info.get('category_id')} is not in 'categories' (its pixels become void)"))
+                issues.append(
+                    (
+                        "unknown category",
+                        f"{path}: image id {image_id}, segment id {info['id']}: category id {info.get('category_id')}"
+                        f" is not in 'categories' (its pixels become void)",
+                    )
+                )
                 void_ids[image_id].append(info["id"])
             else:
                 kept.append((info["id"], label, bool(info.get("iscrowd", 0))))
         segments[image_id] = kept
     records = []
     for image_id, image in images.items():
-        records.append({
-            "image_id": image_id,
-            "file_name": image["file_name"],
-            "png_name": png_names.get(image_id),
-            "height": image["height"],
-            "width": image["width"],
-            "segments": segments.get(image_id, []),
-            "void_ids": void_ids.get(image_id, []),
-        })
+        records.append(
+            {
+                "image_id": image_id,
+                "file_name": image["file_name"],
+                "png_name": png_names.get(image_id),
+                "height": image["height"],
+                "width": image["width"],
+                "segments": segments.get(image_id, []),
+                "void_ids": void_ids.get(image_id, []),
+            }
+        )
     return records, issues
 
 
@@ -139,11 +159,23 @@ class CocoPanopticDataset(SegmentationDataset):
         if unknown.any():
             absent = np.setdiff1d(np.unique(ids[unknown]), record["void_ids"])
             if len(absent):
-                issues.append(("PNG id not in JSON", f"{png_path}: image id {image_id}: segment id(s) {absent.tolist()[:5]} in the PNG are not in the JSON's segments_info (treated as void)"))
+                issues.append(
+                    (
+                        "PNG id not in JSON",
+                        f"{png_path}: image id {image_id}: segment id(s) {absent.tolist()[:5]}"
+                        f" in the PNG are not in the JSON's segments_info (treated as void)",
+                    )
+                )
         areas = np.bincount(segment_map.ravel(), minlength=len(segment_ids) + 1)[1:]
         if (areas == 0).any():
             missing = segment_ids[areas == 0].tolist()
-            issues.append(("JSON segment not in PNG", f"{png_path}: image id {image_id}: segment id(s) {missing[:5]} of the JSON have no pixels in the PNG (dropped)"))
+            issues.append(
+                (
+                    "JSON segment not in PNG",
+                    f"{png_path}: image id {image_id}: segment id(s) {missing[:5]}"
+                    f" of the JSON have no pixels in the PNG (dropped)",
+                )
+            )
         return segment_map, issues
 
     def load_raw(self, index: int, include_crowd: bool = True) -> dict[str, Any]:
@@ -188,7 +220,8 @@ class PanopticGroundTruth:
         self.metadata = DatasetMetadata.from_categories(self.categories, str(self.panoptic_json))
         self.images = index_images(data, self.panoptic_json)
         self.annotations: dict[int, dict[str, Any]] = {
-            ann["image_id"]: ann for ann in data["annotations"]
+            ann["image_id"]: ann
+            for ann in data["annotations"]
             if isinstance(ann, Mapping) and isinstance(ann.get("segments_info"), list)
         }
         self.readers = readers
@@ -236,7 +269,8 @@ class PanopticGroundTruth:
             return np.full((image["height"], image["width"]), ignore_index, dtype=np.int64)
         lookup = self.metadata.dataset_id_to_contiguous
         segments = [
-            (s["id"], lookup[s.get("category_id")]) for s in self.annotations[image_id]["segments_info"]
+            (s["id"], lookup[s.get("category_id")])
+            for s in self.annotations[image_id]["segments_info"]
             if isinstance(s.get("id"), int) and s.get("category_id") in lookup
         ]
         index = segment_index_map(self.ids(image_id), np.array([s[0] for s in segments], dtype=np.int64))

@@ -90,7 +90,9 @@ class DataModule(LightningDataModule):
             if self.splits["val"]:
                 val = read_metadata(self.task, "val", self._settings("val"), self.class_names)
                 if not metadata.same_classes(val):
-                    raise DataError("data.train and data.val have different categories; both must list the same classes")
+                    raise DataError(
+                        "data.train and data.val have different categories; both must list the same classes"
+                    )
                 metadata = val
             self._metadata = metadata
         return self._metadata
@@ -102,7 +104,10 @@ class DataModule(LightningDataModule):
             transform = build_transform(**recipe)
             dataset = build_dataset(self.task, split, self._settings(split), transform, train, self.class_names)
             if not dataset.metadata.same_classes(self.metadata):
-                raise DataError(f"data.{split}: its categories differ from the training split's; all splits must list the same classes")
+                raise DataError(
+                    f"data.{split}: its categories differ from the training split's;"
+                    f" all splits must list the same classes"
+                )
             self.datasets[split] = dataset
         return self.datasets[split]
 
@@ -134,7 +139,9 @@ class DataModule(LightningDataModule):
         sampler = None
         trainer = self.trainer
         if not train and trainer is not None and trainer.world_size > 1:
-            sampler = UnrepeatedDistributedSampler(dataset, num_replicas=trainer.world_size, rank=trainer.global_rank, shuffle=False)
+            sampler = UnrepeatedDistributedSampler(
+                dataset, num_replicas=trainer.world_size, rank=trainer.global_rank, shuffle=False
+            )
         return DataLoader(
             dataset,
             batch_size=self.batch_size if train else self.eval_batch_size,

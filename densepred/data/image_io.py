@@ -20,7 +20,9 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 def _open(path: Path, what: str, image_id: object) -> Image.Image:
     """Open and fully decode `path`, turning PIL's errors into a BadImageError naming the file."""
     if not path.is_file():
-        raise BadImageError(f"{path}: {what} of image id {image_id} not found; check the folder setting or remove the entry")
+        raise BadImageError(
+            f"{path}: {what} of image id {image_id} not found; check the folder setting or remove the entry"
+        )
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # PIL's EXIF / decompression warnings; real problems raise below

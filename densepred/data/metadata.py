@@ -43,7 +43,11 @@ class DatasetMetadata:
             raise DataError(f"{source}: 'categories' must be a non-empty list of {{'id', 'name'}} objects")
         seen: set[int] = set()
         for position, cat in enumerate(categories):
-            if not isinstance(cat, Mapping) or not isinstance(cat.get("id"), int) or not isinstance(cat.get("name"), str):
+            if (
+                not isinstance(cat, Mapping)
+                or not isinstance(cat.get("id"), int)
+                or not isinstance(cat.get("name"), str)
+            ):
                 raise DataError(
                     f"{source}: categories[{position}] = {cat!r} must be an object with an integer 'id' and a "
                     "string 'name'"

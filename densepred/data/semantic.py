@@ -54,12 +54,15 @@ class SemanticFolderDataset(SegmentationDataset):
         self.index_issues = IssueReport()
         self.index_issues.extend(
             ("image without label file", f"{p}: no {self.sem_seg_dir / (p.stem + '.png')}; the image is left out")
-            for p in images if p.stem not in labels
+            for p in images
+            if p.stem not in labels
         )
         self.index_issues.log(f"{sem_seg_dir}: left out at start-up")
         names = [p.name for p in images if p.stem in labels]
         if not names:
-            raise DataError(f"{self.img_dir}: no image has a label PNG of the same name in {self.sem_seg_dir}; check both folders")
+            raise DataError(
+                f"{self.img_dir}: no image has a label PNG of the same name in {self.sem_seg_dir}; check both folders"
+            )
         self.image_ids = list(range(len(names)))
         self._records = SerializedList(names)
 
@@ -67,7 +70,10 @@ class SemanticFolderDataset(SegmentationDataset):
         path = self.sem_seg_dir / (Path(name).stem + ".png")
         raw = read_label_png(path, image_id)
         if shape is not None and raw.shape != shape:
-            raise DataError(f"{path}: label map of image id {image_id} is {raw.shape[0]}x{raw.shape[1]} but the image is {shape[0]}x{shape[1]}")
+            raise DataError(
+                f"{path}: label map of image id {image_id} is {raw.shape[0]}x{raw.shape[1]}"
+                f" but the image is {shape[0]}x{shape[1]}"
+            )
         ignore_index = self.metadata.ignore_index
         ignored = raw == self.ignore_value
         if self.reduce_zero_label:
@@ -77,7 +83,12 @@ class SemanticFolderDataset(SegmentationDataset):
         issues = []
         if out_of_range.any():
             values = np.unique(raw[out_of_range] + self.reduce_zero_label).tolist()[:5]
-            issues.append(("label out of range", f"{path}: image id {image_id}: value(s) {values} are not classes (treated as ignore)"))
+            issues.append(
+                (
+                    "label out of range",
+                    f"{path}: image id {image_id}: value(s) {values} are not classes (treated as ignore)",
+                )
+            )
         return np.where(ignored | out_of_range, ignore_index, raw), issues
 
     def load_raw(self, index: int, include_crowd: bool = True) -> dict[str, Any]:

@@ -85,7 +85,9 @@ def _bbox(mask: np.ndarray) -> list[float]:
 def _stuff_layout(rng: np.random.Generator, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
     """(H, W) stuff index (0 sky, 1 ground, 2 water) and the textured background image (H, W, 3) float."""
     yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
-    horizon = height * rng.uniform(0.3, 0.6) + rng.uniform(2, 8) * np.sin(2 * np.pi * xx / rng.uniform(40, 120) + rng.uniform(0, 6.3))
+    horizon = height * rng.uniform(0.3, 0.6) + rng.uniform(2, 8) * np.sin(
+        2 * np.pi * xx / rng.uniform(40, 120) + rng.uniform(0, 6.3)
+    )
     layout = rng.choice(3, p=[0.25, 0.25, 0.5])  # ground only, water only, split
     if layout == 2:
         boundary = width * rng.uniform(0.3, 0.7) + rng.uniform(-0.5, 0.5) * (yy - height)
@@ -113,8 +115,10 @@ def make_scene(
     objects = []  # (class index, polygons, full mask, iscrowd), bottom to top
     if rng.random() < crowd_prob:
         cx, cy = rng.uniform(0.2, 0.8) * width, rng.uniform(0.2, 0.8) * height
-        polygons = [_shape_polygon("circle", cx + dx, cy + dy, 0.035 * side, 0)
-                    for dx, dy in rng.uniform(-0.12, 0.12, size=(6, 2)) * side]
+        polygons = [
+            _shape_polygon("circle", cx + dx, cy + dy, 0.035 * side, 0)
+            for dx, dy in rng.uniform(-0.12, 0.12, size=(6, 2)) * side
+        ]
         objects.append((0, polygons, _rasterize(polygons, height, width), True))
     for _ in range(int(rng.integers(min_things, max_things + 1))):
         k = int(rng.integers(len(THINGS)))
@@ -136,7 +140,7 @@ def make_scene(
         if not small:
             break
         objects = [o for i, o in enumerate(objects) if i not in small]
-    for (k, _, full, _) in objects:
+    for k, _, full, _ in objects:
         color = np.array(THINGS[k][2]) + rng.normal(0, 8, (height, width, 1))
         image = np.where(full[..., None], color, image)
     segments = []  # (category id, mask, iscrowd, instance segmentation or None)
@@ -144,19 +148,23 @@ def make_scene(
         mask = (stuff == s) & ~covered
         if mask.sum() > 0:
             segments.append((cat_id, mask, False, None))
-    for (k, polygons, full, iscrowd), vis in zip(objects, visible):
-        polygon_ok = not iscrowd and np.array_equal(full, vis) and all(
-            0 <= x <= width and 0 <= y <= height for p in polygons for x, y in zip(p[0::2], p[1::2])
+    for (k, polygons, full, iscrowd), vis in zip(objects, visible, strict=True):
+        polygon_ok = (
+            not iscrowd
+            and np.array_equal(full, vis)
+            and all(
+                0 <= x <= width and 0 <= y <= height for p in polygons for x, y in zip(p[0::2], p[1::2], strict=True)
+            )
         )
         segments.append((THINGS[k][0], vis, iscrowd, polygons if polygon_ok else None))
     ids = rng.choice(np.arange(1, 1 << 16), size=len(segments), replace=False)
     id_map = np.zeros((height, width), dtype=np.int64)
-    for segment_id, (_, mask, _, _) in zip(ids, segments):
+    for segment_id, (_, mask, _, _) in zip(ids, segments, strict=True):
         id_map[mask] = segment_id
     return {
         "image": np.clip(image, 0, 255).astype(np.uint8),
         "id_map": id_map,
-        "segments": [(int(i),) + seg for i, seg in zip(ids, segments)],
+        "segments": [(int(i),) + seg for i, seg in zip(ids, segments, strict=True)],
         "height": height,
         "width": width,
     }
@@ -165,7 +173,9 @@ def make_scene(
 def categories(panoptic: bool) -> list[dict[str, Any]]:
     things = [{"id": i, "name": n, "supercategory": "shape", "isthing": 1, "color": list(c)} for i, n, c in THINGS]
     stuff = [{"id": i, "name": n, "supercategory": "background", "isthing": 0, "color": list(c)} for i, n, c in STUFF]
-    return things + stuff if panoptic else [{k: v for k, v in c.items() if k not in ("isthing", "color")} for c in things]
+    return (
+        things + stuff if panoptic else [{k: v for k, v in c.items() if k not in ("isthing", "color")} for c in things]
+    )
 
 
 def generate_synthetic(
@@ -185,7 +195,7 @@ def generate_synthetic(
     ann_dir = out_dir / "annotations"
     ann_dir.mkdir(parents=True, exist_ok=True)
     next_image_id, next_ann_id = 1, 1
-    for split, count in zip(SPLITS, (num_train, num_val)):
+    for split, count in zip(SPLITS, (num_train, num_val), strict=True):
         img_dir, png_dir = out_dir / f"{split}2017", ann_dir / f"panoptic_{split}2017"
         img_dir.mkdir(exist_ok=True)
         png_dir.mkdir(exist_ok=True)
@@ -200,7 +210,9 @@ def generate_synthetic(
             segments_info = []
             for segment_id, cat_id, mask, iscrowd, polygons in scene["segments"]:
                 area, bbox = int(mask.sum()), _bbox(mask)
-                segments_info.append({"id": segment_id, "category_id": cat_id, "iscrowd": int(iscrowd), "bbox": bbox, "area": area})
+                segments_info.append(
+                    {"id": segment_id, "category_id": cat_id, "iscrowd": int(iscrowd), "bbox": bbox, "area": area}
+                )
                 if cat_id not in {t[0] for t in THINGS}:
                     continue
                 if polygons is not None:
@@ -209,16 +221,27 @@ def generate_synthetic(
                     segmentation = _uncompressed_rle(mask)
                 else:
                     segmentation = _compressed_rle(mask)
-                instances.append({"id": next_ann_id, "image_id": image_id, "category_id": cat_id, "segmentation": segmentation,
-                                  "area": area, "bbox": bbox, "iscrowd": int(iscrowd)})
+                instances.append(
+                    {
+                        "id": next_ann_id,
+                        "image_id": image_id,
+                        "category_id": cat_id,
+                        "segmentation": segmentation,
+                        "area": area,
+                        "bbox": bbox,
+                        "iscrowd": int(iscrowd),
+                    }
+                )
                 next_ann_id += 1
             panoptic.append({"image_id": image_id, "file_name": f"{name}.png", "segments_info": segments_info})
         next_image_id += count
         info = {"description": "densepred synthetic shapes", "version": GENERATOR_VERSION}
-        (ann_dir / f"instances_{split}2017.json").write_text(json.dumps(
-            {"info": info, "images": images, "annotations": instances, "categories": categories(False)}))
-        (ann_dir / f"panoptic_{split}2017.json").write_text(json.dumps(
-            {"info": info, "images": images, "annotations": panoptic, "categories": categories(True)}))
+        (ann_dir / f"instances_{split}2017.json").write_text(
+            json.dumps({"info": info, "images": images, "annotations": instances, "categories": categories(False)})
+        )
+        (ann_dir / f"panoptic_{split}2017.json").write_text(
+            json.dumps({"info": info, "images": images, "annotations": panoptic, "categories": categories(True)})
+        )
     return out_dir
 
 

@@ -75,12 +75,14 @@ def ade(crop: int = 512, short_sides: Sequence[int] | None = None, max_size: int
     """Mask2Former's ADE20K recipe: random short side (0.5x to 2x of the crop), crop, photometric jitter, flip."""
     if short_sides is None:
         short_sides = [int(crop * s / 10) for s in range(5, 21)]
-    return v2.Compose([
-        v2.RandomShortestSize(list(short_sides), max_size=max_size),
-        RandomCropUpTo(crop),
-        v2.RandomPhotometricDistort(),
-        v2.RandomHorizontalFlip(),
-    ])
+    return v2.Compose(
+        [
+            v2.RandomShortestSize(list(short_sides), max_size=max_size),
+            RandomCropUpTo(crop),
+            v2.RandomPhotometricDistort(),
+            v2.RandomHorizontalFlip(),
+        ]
+    )
 
 
 def resize(short: int = 800, max_size: int = 1333) -> v2.Compose:

@@ -59,7 +59,9 @@ class COCOInstanceEvaluator:
     ) -> None:
         self.ann_file = Path(ann_file)
         if not self.ann_file.is_file():
-            raise FileNotFoundError(f"COCO annotation file {self.ann_file} does not exist; check the dataset's ann_file")
+            raise FileNotFoundError(
+                f"COCO annotation file {self.ann_file} does not exist; check the dataset's ann_file"
+            )
         bad = [t for t in iou_types if t not in IOU_TYPES]
         if bad:
             raise ValueError(f"iou_types {bad} are not supported; choose from {list(IOU_TYPES)}")
@@ -69,7 +71,9 @@ class COCOInstanceEvaluator:
         self.dataset_ids = dataset_id_lookup(contiguous_to_dataset_id)
         unknown = sorted(set(self.dataset_ids.values()) - set(self.coco_gt.getCatIds()))
         if unknown:
-            raise ValueError(f"contiguous_to_dataset_id names category ids {unknown} that {self.ann_file} does not define")
+            raise ValueError(
+                f"contiguous_to_dataset_id names category ids {unknown} that {self.ann_file} does not define"
+            )
         self.reset()
 
     def reset(self) -> None:
@@ -94,7 +98,8 @@ class COCOInstanceEvaluator:
         if masks.ndim != 3 or masks.shape[1:] != (info["height"], info["width"]):
             raise ValueError(
                 f"image {image_id}: instance masks have shape {tuple(masks.shape)}, expected "
-                f"(N, {info['height']}, {info['width']}) (the image size in {self.ann_file}); resize to the original size"
+                f"(N, {info['height']}, {info['width']})"
+                f" (the image size in {self.ann_file}); resize to the original size"
             )
         rles = mask_util.encode(np.asfortranarray(masks.transpose(1, 2, 0), dtype=np.uint8)) if len(masks) else []
         xywh = np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], axis=1) if len(boxes) else boxes
@@ -116,7 +121,9 @@ class COCOInstanceEvaluator:
         if len(image_ids) < len(self.coco_gt.imgs) and is_main_process():
             logger.warning(
                 "COCO instance evaluation on %d of the %d images in %s: not comparable to full-split numbers",
-                len(image_ids), len(self.coco_gt.imgs), self.ann_file,
+                len(image_ids),
+                len(self.coco_gt.imgs),
+                self.ann_file,
             )
         self.metrics, self.per_class = {}, {}
         for iou_type in self.iou_types:

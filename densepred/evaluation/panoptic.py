@@ -60,7 +60,7 @@ def pq_image_stats(
     gt_ids, pred_ids: (H, W) segment ids; the segment dicts are in segments_info order.
     """
     keys, counts = np.unique(gt_ids.astype(np.uint64) * OFFSET + pred_ids.astype(np.uint64), return_counts=True)
-    overlap = {(int(k) // OFFSET, int(k) % OFFSET): int(c) for k, c in zip(keys, counts)}
+    overlap = {(int(k) // OFFSET, int(k) % OFFSET): int(c) for k, c in zip(keys, counts, strict=True)}
     stats: dict[int, np.ndarray] = {}
 
     def add(category_id: int, iou: float = 0.0, tp: int = 0, fp: int = 0, fn: int = 0) -> None:
@@ -187,7 +187,7 @@ class PanopticEvaluator:
         if pred_ids.ndim != 2 or pred_ids.min(initial=0) < 0 or pred_ids.max(initial=0) >= OFFSET:
             raise ValueError(f"image {image_id}: panoptic_seg must be (H, W) with ids in [0, 2^24), 0 = void")
         ids, areas = np.unique(pred_ids, return_counts=True)
-        area_of = dict(zip(ids.tolist(), areas.tolist()))
+        area_of = dict(zip(ids.tolist(), areas.tolist(), strict=True))
         listed = {int(s["id"]) for s in segments_info}
         missing = sorted(set(area_of) - listed - {VOID})
         if missing:
@@ -199,7 +199,9 @@ class PanopticEvaluator:
         for s in segments_info:
             segment_id = int(s["id"])
             if segment_id == VOID:
-                raise ValueError(f"image {image_id}: segments_info uses id 0, which is reserved for void; ids must be > 0")
+                raise ValueError(
+                    f"image {image_id}: segments_info uses id 0, which is reserved for void; ids must be > 0"
+                )
             if segment_id not in area_of:
                 continue
             category_id = map_label(self.dataset_ids, s["label"], image_id)
@@ -213,8 +215,10 @@ class PanopticEvaluator:
         segments = {}
         for s in ann["segments_info"]:
             if s["category_id"] not in self.category_ids:
-                raise ValueError(f"{self.panoptic_json}: image {image_id} segment {s['id']} has category_id "
-                                 f"{s['category_id']}, which is not among the evaluator's categories")
+                raise ValueError(
+                    f"{self.panoptic_json}: image {image_id} segment {s['id']} has category_id "
+                    f"{s['category_id']}, which is not among the evaluator's categories"
+                )
             segments[int(s["id"])] = Segment(s["category_id"], int(s["area"]), bool(s.get("iscrowd", 0)))
         return gt_ids, segments
 
@@ -224,7 +228,9 @@ class PanopticEvaluator:
         if len(gathered) < len(self.annotations) and is_main_process():
             logger.warning(
                 "panoptic evaluation on %d of the %d images in %s: not comparable to full-split numbers",
-                len(gathered), len(self.annotations), self.panoptic_json,
+                len(gathered),
+                len(self.annotations),
+                self.panoptic_json,
             )
         totals: dict[int, np.ndarray] = {}
         for image_stats, _ in gathered.values():

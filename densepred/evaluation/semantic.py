@@ -106,12 +106,16 @@ class SemanticEvaluator:
             pred = to_numpy(scores.argmax(0)).astype(np.int64)
             gt = np.asarray(self.gt_loader(image_id)).astype(np.int64)
             if gt.shape != pred.shape:
-                raise ValueError(f"image {image_id}: sem_seg is {tuple(pred.shape)} but its ground truth is "
-                                 f"{tuple(gt.shape)}; predictions must be at the original image size")
+                raise ValueError(
+                    f"image {image_id}: sem_seg is {tuple(pred.shape)} but its ground truth is "
+                    f"{tuple(gt.shape)}; predictions must be at the original image size"
+                )
             out_of_range = (gt != self.ignore_index) & ((gt < 0) | (gt >= k))
             if out_of_range.any():
-                raise ValueError(f"image {image_id}: ground truth has values {np.unique(gt[out_of_range]).tolist()} "
-                                 f"outside [0, {k}) and ignore_index {self.ignore_index}; check the dataset's label mapping")
+                raise ValueError(
+                    f"image {image_id}: ground truth has values {np.unique(gt[out_of_range]).tolist()} "
+                    f"outside [0, {k}) and ignore_index {self.ignore_index}; check the dataset's label mapping"
+                )
             gt = np.where(gt == self.ignore_index, k, gt)
             counts = np.bincount((k + 1) * pred.ravel() + gt.ravel(), minlength=(k + 1) ** 2)
             cells = np.flatnonzero(counts)
@@ -123,9 +127,12 @@ class SemanticEvaluator:
         labels = np.unique(pred)
         masks = np.asfortranarray((pred[:, :, None] == labels).astype(np.uint8))  # (H, W, L)
         return [
-            {"image_id": image_id, "category_id": int(self.dataset_ids[label]),
-             "segmentation": {"size": rle["size"], "counts": rle["counts"].decode("ascii")}}
-            for label, rle in zip(labels, mask_util.encode(masks))
+            {
+                "image_id": image_id,
+                "category_id": int(self.dataset_ids[label]),
+                "segmentation": {"size": rle["size"], "counts": rle["counts"].decode("ascii")},
+            }
+            for label, rle in zip(labels, mask_util.encode(masks), strict=True)
         ]
 
     def evaluate(self) -> dict[str, float]:
@@ -153,7 +160,13 @@ class SemanticEvaluator:
         predictions = [r for rles in self._gathered_rles.values() for r in rles]
         return [
             atomic_write_json(folder / "sem_seg_predictions.json", predictions, indent=None),
-            atomic_write_json(folder / "semantic_metrics.json", {
-                "metrics": self.metrics, "per_class": self.per_class, "confusion_matrix": self.confusion.tolist(),
-            }, indent=None),
+            atomic_write_json(
+                folder / "semantic_metrics.json",
+                {
+                    "metrics": self.metrics,
+                    "per_class": self.per_class,
+                    "confusion_matrix": self.confusion.tolist(),
+                },
+                indent=None,
+            ),
         ]
