@@ -30,6 +30,5 @@ def test_backbone_config_builds_the_four_pyramid_levels(choice):
     with torch.no_grad():
         maps = backbone(torch.randn(1, 3, 64, 96)).feature_maps
     assert [tuple(m.shape) for m in maps] == [
-        (1, c, -(-64 // s), -(-96 // s)) for c, s in zip(backbone.channels, backbone.strides)
+        (1, c, -(-64 // s), -(-96 // s)) for c, s in zip(backbone.channels, backbone.strides, strict=True)
     ]
-

@@ -32,7 +32,10 @@ def save_tiny_maskformer(folder, backbone: str) -> MaskFormerForInstanceSegmenta
         d_model=32, decoder_layers=3, decoder_attention_heads=4, decoder_ffn_dim=64, num_queries=7
     )
     config = MaskFormerConfig(
-        backbone_config=BACKBONES[backbone](), decoder_config=decoder, fpn_feature_size=32, mask_feature_size=24,
+        backbone_config=BACKBONES[backbone](),
+        decoder_config=decoder,
+        fpn_feature_size=32,
+        mask_feature_size=24,
         id2label={0: "cat", 1: "dog", 2: "sky"},
     )
     model = MaskFormerForInstanceSegmentation(config).eval()

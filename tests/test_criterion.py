@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
 from densepred.heads.criterion import SetCriterion, average_num_masks, dice_loss, sigmoid_ce_loss, sigmoid_focal_loss
 
 LN2, LN3, LN4, LN4_3 = math.log(2), math.log(3), math.log(4), math.log(4 / 3)
@@ -167,7 +168,11 @@ def test_point_criterion_equals_transformers_mask2former_loss_with_the_same_rand
     want_matches = reference.matcher(outputs["pred_masks"], outputs["pred_logits"], mask_labels, class_labels)
     torch.manual_seed(8)
     got_matches = ours.matcher(outputs, targets)
-    assert all(torch.equal(a, b) for pair, ref in zip(got_matches, want_matches) for a, b in zip(pair, ref))
+    assert all(
+        torch.equal(a, b)
+        for pair, ref in zip(got_matches, want_matches, strict=True)
+        for a, b in zip(pair, ref, strict=True)
+    )
 
 
 def test_full_criterion_equals_transformers_maskformer_loss():
@@ -181,7 +186,11 @@ def test_full_criterion_equals_transformers_maskformer_loss():
     _compare_with_transformers(ours(outputs, targets), want, ours.weight_dict)
     want_matches = reference.matcher(outputs["pred_masks"], outputs["pred_logits"], mask_labels, class_labels)
     got_matches = ours.matcher(outputs, targets)
-    assert all(torch.equal(a, b) for pair, ref in zip(got_matches, want_matches) for a, b in zip(pair, ref))
+    assert all(
+        torch.equal(a, b)
+        for pair, ref in zip(got_matches, want_matches, strict=True)
+        for a, b in zip(pair, ref, strict=True)
+    )
 
 
 def _rank_worker(rank, init_file, results_dir):
@@ -200,6 +209,7 @@ def _rank_worker(rank, init_file, results_dir):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_num_masks_is_averaged_across_ranks(tmp_path):
     mp.spawn(_rank_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2)
     rank0, rank1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")

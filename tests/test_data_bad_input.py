@@ -35,14 +35,26 @@ def coco(tmp_path, annotations, images=None, categories=None, name="ann.json"):
 
 
 def ann(ann_id, segmentation=SQUARE, **extra):
-    return {"id": ann_id, "image_id": 1, "category_id": 1, "segmentation": segmentation, "bbox": [2, 2, 10, 10], "iscrowd": 0, **extra}
+    return {
+        "id": ann_id,
+        "image_id": 1,
+        "category_id": 1,
+        "segmentation": segmentation,
+        "bbox": [2, 2, 10, 10],
+        "iscrowd": 0,
+        **extra,
+    }
 
 
 # Images -------------------------------------------------------------------------------------------------
 
+
 def test_missing_image_is_an_error_at_evaluation_and_a_counted_skip_in_training(tmp_path, caplog):
     write_images(tmp_path, ["b.png"])
-    images = [{"id": 1, "file_name": "a.png", "height": 16, "width": 20}, {"id": 2, "file_name": "b.png", "height": 16, "width": 20}]
+    images = [
+        {"id": 1, "file_name": "a.png", "height": 16, "width": 20},
+        {"id": 2, "file_name": "b.png", "height": 16, "width": 20},
+    ]
     path = coco(tmp_path, [ann(1), ann(2, image_id=2)], images)
     with pytest.raises(BadImageError, match=r"a\.png: image file of image id 1 not found"):
         CocoInstanceDataset(path, tmp_path)[0]
@@ -51,8 +63,12 @@ def test_missing_image_is_an_error_at_evaluation_and_a_counted_skip_in_training(
     assert sample["image_id"] == 2  # the next image instead
     assert [reason for reason, _ in sample["issues"]] == ["skipped image"] and "a.png" in sample["issues"][0][1]
     # The DataModule counts the skips of a batch and reports them once, as one warning.
-    dm = DataModule(task="instance", train={"img_dir": str(tmp_path), "ann_file": str(path)}, batch_size=2,
-                    train_transform={"recipe": "resize", "short": 16, "max_size": 20})
+    dm = DataModule(
+        task="instance",
+        train={"img_dir": str(tmp_path), "ann_file": str(path)},
+        batch_size=2,
+        train_transform={"recipe": "resize", "short": 16, "max_size": 20},
+    )
     with caplog.at_level(logging.WARNING):
         for batch in dm.train_dataloader():
             batch = dm.on_before_batch_transfer(batch, 0)
@@ -73,7 +89,9 @@ def test_truncated_or_corrupt_files_are_a_clear_error(tmp_path, kind):
     else:
         (tmp_path / "x.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
         name = "x.png"
-    with pytest.raises(BadImageError, match=rf"{name}: image file of image id 7 cannot be decoded .*truncated or corrupt"):
+    with pytest.raises(
+        BadImageError, match=rf"{name}: image file of image id 7 cannot be decoded .*truncated or corrupt"
+    ):
         read_image(tmp_path / name, 7)
 
 
@@ -119,23 +137,27 @@ def test_image_size_disagreeing_with_the_json_is_an_error(tmp_path):
 
 # Annotations --------------------------------------------------------------------------------------------
 
+
 def test_bad_annotations_are_dropped_counted_and_reported_once(tmp_path, caplog):
     write_images(tmp_path, ["a.png"])
     annotations = [
         ann(1),
-        ann(2, category_id=99),                                            # category not in categories
-        ann(3, segmentation=[[1, 1, 5, 5]]),                               # fewer than 3 points
-        ann(4, segmentation=[[1, 1, 5, 5, 9, 9]]),                         # zero area (collinear)
-        ann(5, bbox=[2, 2, -3, 10]),                                       # negative box width
-        ann(6, segmentation=[[0, 0, 1, 1], SQUARE[0]]),                    # one bad polygon of two: kept
-        ann(7, image_id=5),                                                # unknown image
-        ann(8, segmentation={"size": [3, 3], "counts": [9]}),             # RLE of another size
+        ann(2, category_id=99),  # category not in categories
+        ann(3, segmentation=[[1, 1, 5, 5]]),  # fewer than 3 points
+        ann(4, segmentation=[[1, 1, 5, 5, 9, 9]]),  # zero area (collinear)
+        ann(5, bbox=[2, 2, -3, 10]),  # negative box width
+        ann(6, segmentation=[[0, 0, 1, 1], SQUARE[0]]),  # one bad polygon of two: kept
+        ann(7, image_id=5),  # unknown image
+        ann(8, segmentation={"size": [3, 3], "counts": [9]}),  # RLE of another size
     ]
     with caplog.at_level(logging.WARNING):
         dataset = CocoInstanceDataset(coco(tmp_path, annotations), tmp_path)
     assert dict(dataset.index_issues.counts) == {
-        "unknown category": 1, "degenerate polygon": 2, "negative box size": 1,
-        "annotation of unknown image": 1, "RLE size mismatch": 1,
+        "unknown category": 1,
+        "degenerate polygon": 2,
+        "negative box size": 1,
+        "annotation of unknown image": 1,
+        "RLE size mismatch": 1,
     }
     assert dataset.load_raw(0)["annotation_ids"] == [1, 6]
     warnings = [r.message for r in caplog.records if "dropped at start-up" in r.message]
@@ -144,7 +166,10 @@ def test_bad_annotations_are_dropped_counted_and_reported_once(tmp_path, caplog)
 
 def test_image_without_annotations_is_kept_for_evaluation_and_filtered_from_training(tmp_path):
     write_images(tmp_path, ["a.png", "b.png"])
-    images = [{"id": 1, "file_name": "a.png", "height": 16, "width": 20}, {"id": 2, "file_name": "b.png", "height": 16, "width": 20}]
+    images = [
+        {"id": 1, "file_name": "a.png", "height": 16, "width": 20},
+        {"id": 2, "file_name": "b.png", "height": 16, "width": 20},
+    ]
     path = coco(tmp_path, [ann(1)], images)
     evaluation = CocoInstanceDataset(path, tmp_path)
     assert evaluation.image_ids == [1, 2] and len(evaluation[1]["target"]["labels"]) == 0
@@ -156,7 +181,9 @@ def test_malformed_json_is_an_error_with_line_and_column(tmp_path):
     with pytest.raises(DataError, match=r"bad\.json: malformed JSON at line 2, column 12"):
         CocoInstanceDataset(tmp_path / "bad.json", tmp_path)
     (tmp_path / "partial.json").write_text('{"images": []}')
-    with pytest.raises(DataError, match=r"partial\.json: missing or non-list top-level key\(s\) \['annotations', 'categories'\]"):
+    with pytest.raises(
+        DataError, match=r"partial\.json: missing or non-list top-level key\(s\) \['annotations', 'categories'\]"
+    ):
         CocoInstanceDataset(tmp_path / "partial.json", tmp_path)
     with pytest.raises(DataError, match=r"nothere\.json: annotation file not found"):
         CocoInstanceDataset(tmp_path / "nothere.json", tmp_path)
@@ -164,26 +191,36 @@ def test_malformed_json_is_an_error_with_line_and_column(tmp_path):
 
 def test_empty_dataset_after_filtering_is_an_error(tmp_path):
     path = coco(tmp_path, [ann(1, category_id=99)])
-    with pytest.raises(DataError, match=r"ann\.json: the dataset is empty after filtering \(all 1 images have no usable"):
+    with pytest.raises(
+        DataError, match=r"ann\.json: the dataset is empty after filtering \(all 1 images have no usable"
+    ):
         CocoInstanceDataset(path, tmp_path, filter_empty=True)
 
 
 # Panoptic PNGs ------------------------------------------------------------------------------------------
 
+
 def test_panoptic_ids_missing_on_either_side_are_counted(tmp_path):
     write_images(tmp_path, ["a.png"])
     (tmp_path / "pan").mkdir()
     ids = np.zeros((16, 20), np.int64)
-    ids[:8] = 300      # in the JSON
-    ids[8:, :10] = 5   # not in the JSON -> void
+    ids[:8] = 300  # in the JSON
+    ids[8:, :10] = 5  # not in the JSON -> void
     png = np.stack([ids % 256, ids // 256, ids * 0], -1).astype(np.uint8)
     Image.fromarray(png).save(tmp_path / "pan" / "a.png")
-    segments = [{"id": 300, "category_id": 1, "iscrowd": 0}, {"id": 77, "category_id": 1, "iscrowd": 0}]  # 77 not in the PNG
-    (tmp_path / "pan.json").write_text(json.dumps({
-        "images": [{"id": 1, "file_name": "a.png", "height": 16, "width": 20}],
-        "annotations": [{"image_id": 1, "file_name": "a.png", "segments_info": segments}],
-        "categories": [{"id": 1, "name": "thing", "isthing": 1}],
-    }))
+    segments = [
+        {"id": 300, "category_id": 1, "iscrowd": 0},
+        {"id": 77, "category_id": 1, "iscrowd": 0},
+    ]  # 77 not in the PNG
+    (tmp_path / "pan.json").write_text(
+        json.dumps(
+            {
+                "images": [{"id": 1, "file_name": "a.png", "height": 16, "width": 20}],
+                "annotations": [{"image_id": 1, "file_name": "a.png", "segments_info": segments}],
+                "categories": [{"id": 1, "name": "thing", "isthing": 1}],
+            }
+        )
+    )
     dataset = CocoPanopticDataset(tmp_path / "pan.json", tmp_path / "pan", tmp_path)
     sample = dataset[0]
     reasons = dict(sample["issues"])
@@ -198,26 +235,33 @@ def test_wrong_panoptic_png_size_or_mode_is_an_error(tmp_path):
     (tmp_path / "pan").mkdir()
     Image.fromarray(np.zeros((5, 5, 3), np.uint8)).save(tmp_path / "pan" / "a.png")
     Image.fromarray(np.zeros((16, 20), np.uint8)).save(tmp_path / "pan" / "b.png")
-    for png, message in (("a.png", r"a\.png: panoptic PNG of image id 1 is 5x5 but the image is 16x20"),
-                         ("b.png", r"b\.png: panoptic PNG of image id 1 is mode L; it must be RGB-encoded ids")):
-        (tmp_path / "pan.json").write_text(json.dumps({
-            "images": [{"id": 1, "file_name": "a.png", "height": 16, "width": 20}],
-            "annotations": [{"image_id": 1, "file_name": png, "segments_info": []}],
-            "categories": [{"id": 1, "name": "thing", "isthing": 1}],
-        }))
+    for png, message in (
+        ("a.png", r"a\.png: panoptic PNG of image id 1 is 5x5 but the image is 16x20"),
+        ("b.png", r"b\.png: panoptic PNG of image id 1 is mode L; it must be RGB-encoded ids"),
+    ):
+        (tmp_path / "pan.json").write_text(
+            json.dumps(
+                {
+                    "images": [{"id": 1, "file_name": "a.png", "height": 16, "width": 20}],
+                    "annotations": [{"image_id": 1, "file_name": png, "segments_info": []}],
+                    "categories": [{"id": 1, "name": "thing", "isthing": 1}],
+                }
+            )
+        )
         with pytest.raises(DataError, match=message):
             CocoPanopticDataset(tmp_path / "pan.json", tmp_path / "pan", tmp_path)[0]
 
 
 # Configuration ------------------------------------------------------------------------------------------
 
+
 def test_config_mistakes_name_the_key(tmp_path):
     with pytest.raises(DataError, match=r"task=panoptic needs data\.train\.panoptic_json, data\.train\.panoptic_root"):
-        DataModule(task="panoptic", root=str(tmp_path), train={"img_dir": "x", "ann_file": "a.json"}).metadata
+        _ = DataModule(task="panoptic", root=str(tmp_path), train={"img_dir": "x", "ann_file": "a.json"}).metadata
     with pytest.raises(DataError, match=r"data\.train has unknown key\(s\) \['image_dir'\]"):
-        DataModule(task="instance", train={"image_dir": "x"}).metadata
+        _ = DataModule(task="instance", train={"image_dir": "x"}).metadata
     with pytest.raises(DataError, match=r"data\.task='depth' is not one of"):
-        DataModule(task="depth", train={"img_dir": "x"}).metadata
+        _ = DataModule(task="depth", train={"img_dir": "x"}).metadata
 
 
 def test_label_folder_image_without_label_is_left_out_and_counted(tmp_path):

@@ -42,9 +42,15 @@ def test_synthetic_config_gives_batches_for_every_task(tmp_path, task, num_class
     assert ground_truth.metadata.same_classes(dm.metadata)
     batch = next(iter(dm.train_dataloader()))
     assert batch["images"].shape == (4, 3, 64, 64)
-    for target, (h, w) in zip(batch["targets"], batch["image_sizes"]):
-        assert target["masks"].shape[1:] == (64, 64) and not target["masks"][:, h:].any() and not target["masks"][:, :, w:].any()
-        assert target["labels"].dtype == torch.int64 and ((target["labels"] >= 0) & (target["labels"] < num_classes)).all()
+    for target, (h, w) in zip(batch["targets"], batch["image_sizes"], strict=True):
+        assert (
+            target["masks"].shape[1:] == (64, 64)
+            and not target["masks"][:, h:].any()
+            and not target["masks"][:, :, w:].any()
+        )
+        assert (
+            target["labels"].dtype == torch.int64 and ((target["labels"] >= 0) & (target["labels"] < num_classes)).all()
+        )
         assert ("sem_seg" in target) == (task == "semantic")
     val = list(dm.val_dataloader())
     assert sorted(i for b in val for i in b["image_ids"]) == list(range(11, 17))
@@ -60,9 +66,9 @@ def test_worker_processes_give_the_same_validation_batches(tmp_path):
     dm.num_workers = 0
     in_process = list(dm.val_dataloader())
     assert [b["image_ids"] for b in with_workers] == [b["image_ids"] for b in in_process]
-    for a, b in zip(with_workers, in_process):
+    for a, b in zip(with_workers, in_process, strict=True):
         torch.testing.assert_close(a["images"], b["images"])
-        assert all(torch.equal(x["masks"], y["masks"]) for x, y in zip(a["targets"], b["targets"]))
+        assert all(torch.equal(x["masks"], y["masks"]) for x, y in zip(a["targets"], b["targets"], strict=True))
 
 
 def test_synthetic_generation_is_deterministic_and_cached(tmp_path):
@@ -75,7 +81,10 @@ def test_synthetic_generation_is_deterministic_and_cached(tmp_path):
     assert (other / files[-1]).read_bytes() != (first / files[-1]).read_bytes()
     cached = ensure_synthetic(tmp_path / "cache", **SMALL)
     stamp = (cached / "manifest.json").stat().st_mtime_ns
-    assert ensure_synthetic(tmp_path / "cache", **SMALL) == cached and (cached / "manifest.json").stat().st_mtime_ns == stamp
+    assert (
+        ensure_synthetic(tmp_path / "cache", **SMALL) == cached
+        and (cached / "manifest.json").stat().st_mtime_ns == stamp
+    )
     assert json.loads((cached / "manifest.json").read_text())["params"] == SMALL
     assert not [p for p in (tmp_path / "cache").iterdir() if p.name.startswith(".synthetic") and p.is_dir()]
 

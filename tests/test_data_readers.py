@@ -1,7 +1,6 @@
 """Readers against pycocotools and the panopticapi formulas, on the synthetic COCO-format data."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -34,14 +33,19 @@ def instances(root, split="train"):
 
 def panoptic(root, split="train", task="panoptic"):
     return CocoPanopticDataset(
-        root / f"annotations/panoptic_{split}2017.json", root / f"annotations/panoptic_{split}2017", root / f"{split}2017",
-        task=task, ann_file=str(root / f"annotations/instances_{split}2017.json"),
+        root / f"annotations/panoptic_{split}2017.json",
+        root / f"annotations/panoptic_{split}2017",
+        root / f"{split}2017",
+        task=task,
+        ann_file=str(root / f"annotations/instances_{split}2017.json"),
     )
 
 
 def test_the_synthetic_data_uses_every_coco_segmentation_kind(coco_dir):
     anns = json.loads((coco_dir / "annotations/instances_train2017.json").read_text())["annotations"]
-    kinds = {("polygon" if isinstance(a["segmentation"], list) else type(a["segmentation"]["counts"]).__name__) for a in anns}
+    kinds = {
+        ("polygon" if isinstance(a["segmentation"], list) else type(a["segmentation"]["counts"]).__name__) for a in anns
+    }
     assert kinds == {"polygon", "list", "str"}  # polygons, uncompressed RLE, compressed RLE
     assert any(a["iscrowd"] for a in anns)
 
@@ -53,7 +57,9 @@ def test_instance_masks_equal_pycocotools_annToMask(coco_dir):
     for index in range(len(dataset)):
         raw = dataset.load_raw(index)
         assert raw["image"].shape == (*raw["orig_size"], 3) and raw["image"].dtype == np.uint8
-        for ann_id, mask, label, crowd in zip(raw["annotation_ids"], raw["masks"], raw["labels"], raw["iscrowd"]):
+        for ann_id, mask, label, crowd in zip(
+            raw["annotation_ids"], raw["masks"], raw["labels"], raw["iscrowd"], strict=True
+        ):
             ann = coco.anns[ann_id]
             np.testing.assert_array_equal(mask, coco.annToMask(ann))
             assert dataset.metadata.contiguous_to_dataset_id[label] == ann["category_id"]
@@ -80,9 +86,13 @@ def test_instance_sample_leaves_crowd_out_and_masks_fit_the_coco_boxes(coco_dir)
         target = sample["target"]
         assert sample["image_id"] == image_id
         assert sample["orig_size"] == (coco.imgs[image_id]["height"], coco.imgs[image_id]["width"])
-        assert sorted(target["labels"].tolist()) == sorted(dataset.metadata.dataset_id_to_contiguous[a["category_id"]] for a in anns)
+        assert sorted(target["labels"].tolist()) == sorted(
+            dataset.metadata.dataset_id_to_contiguous[a["category_id"]] for a in anns
+        )
         # No transform: the masks' extents are the COCO boxes [x, y, w, h] as XYXY.
-        expected = sorted([a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]] for a in anns)
+        expected = sorted(
+            [a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]] for a in anns
+        )
         assert sorted(mask_extents(target["masks"])) == expected
         assert target["masks"].dtype == torch.bool and sample["image"].shape == (3, *sample["orig_size"])
 
@@ -130,7 +140,7 @@ def test_panoptic_tasks_give_things_or_class_maps(coco_dir):
         assert (gt[raw["segment_map"] == 0] == 255).all()
         classes = sorted(set(np.unique(sem_seg).tolist()) - {255})
         assert sem["target"]["labels"].tolist() == classes
-        for label, mask in zip(sem["target"]["labels"], sem["target"]["masks"]):
+        for label, mask in zip(sem["target"]["labels"], sem["target"]["masks"], strict=True):
             np.testing.assert_array_equal(mask.numpy(), sem_seg == int(label))
 
 
@@ -153,7 +163,12 @@ def test_read_categories_reads_only_the_categories(coco_dir, tmp_path):
     path = coco_dir / "annotations/panoptic_val2017.json"
     assert read_categories(path) == json.loads(path.read_text())["categories"]
     # "categories" appearing first, and the word inside a string, are handled too.
-    data = {"info": {"note": '"categories": [1]'}, "categories": [{"id": 5, "name": "x"}], "images": [], "annotations": []}
+    data = {
+        "info": {"note": '"categories": [1]'},
+        "categories": [{"id": 5, "name": "x"}],
+        "images": [],
+        "annotations": [],
+    }
     (tmp_path / "a.json").write_text(json.dumps(data))
     assert read_categories(tmp_path / "a.json") == [{"id": 5, "name": "x"}]
 
@@ -164,10 +179,22 @@ def test_custom_coco_json_with_its_own_categories(tmp_path):
     data = {
         "images": [{"id": 42, "file_name": "a.png", "height": 20, "width": 30}],
         "annotations": [
-            {"id": 9, "image_id": 42, "category_id": 300, "bbox": [10, 5, 10, 5], "iscrowd": 0,
-             "segmentation": [[10, 5, 20, 5, 20, 10, 10, 10]]},
-            {"id": 10, "image_id": 42, "category_id": 17, "bbox": [3, 2, 5, 4], "iscrowd": 0,
-             "segmentation": {"size": [20, 30], "counts": rle["counts"].decode()}},
+            {
+                "id": 9,
+                "image_id": 42,
+                "category_id": 300,
+                "bbox": [10, 5, 10, 5],
+                "iscrowd": 0,
+                "segmentation": [[10, 5, 20, 5, 20, 10, 10, 10]],
+            },
+            {
+                "id": 10,
+                "image_id": 42,
+                "category_id": 17,
+                "bbox": [3, 2, 5, 4],
+                "iscrowd": 0,
+                "segmentation": {"size": [20, 30], "counts": rle["counts"].decode()},
+            },
         ],
         "categories": [{"id": 300, "name": "bolt"}, {"id": 17, "name": "nut"}],
     }

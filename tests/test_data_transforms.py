@@ -26,7 +26,14 @@ def write_dataset(tmp_path):
     data = {
         "images": [{"id": 1, "file_name": "img.png", "height": H, "width": W}],
         "annotations": [
-            {"id": 1, "image_id": 1, "category_id": 1, "segmentation": [square], "bbox": [x1, y1, x2 - x1, y2 - y1], "iscrowd": 0},
+            {
+                "id": 1,
+                "image_id": 1,
+                "category_id": 1,
+                "segmentation": [square],
+                "bbox": [x1, y1, x2 - x1, y2 - y1],
+                "iscrowd": 0,
+            },
             {"id": 2, "image_id": 1, "category_id": 2, "segmentation": [bar], "bbox": [150, 0, 10, H], "iscrowd": 0},
         ],
         "categories": [{"id": 1, "name": "red"}, {"id": 2, "name": "blue"}],
@@ -54,7 +61,9 @@ def assert_aligned(sample, photometric=False):
             continue
         assert (image[channel][interior] > 150).all(), "mask not on its object"
         ys, xs = torch.nonzero(mask, as_tuple=True)
-        touches_border = ys.min() == 0 or xs.min() == 0 or ys.max() == mask.shape[0] - 1 or xs.max() == mask.shape[1] - 1
+        touches_border = (
+            ys.min() == 0 or xs.min() == 0 or ys.max() == mask.shape[0] - 1 or xs.max() == mask.shape[1] - 1
+        )
         if label == 0 and not touches_border:
             # The whole square: its color appears nowhere outside the mask beyond the resize's blur rim.
             scale = (xs.max() + 1 - xs.min()) / (SQUARE[3] - SQUARE[2])
@@ -64,12 +73,15 @@ def assert_aligned(sample, photometric=False):
             assert not (red & ~near).any(), "square pixels outside the mask"
 
 
-@pytest.mark.parametrize("recipe, repeats", [
-    ({"recipe": "lsj", "size": 96, "scale": [0.5, 2.0]}, 12),
-    ({"recipe": "lsj", "size": 1024, "scale": [0.1, 2.0]}, 2),
-    ({"recipe": "ade", "crop": 64, "max_size": 400}, 12),
-    ({"recipe": "resize", "short": 200, "max_size": 250}, 1),
-])
+@pytest.mark.parametrize(
+    "recipe, repeats",
+    [
+        ({"recipe": "lsj", "size": 96, "scale": [0.5, 2.0]}, 12),
+        ({"recipe": "lsj", "size": 1024, "scale": [0.1, 2.0]}, 2),
+        ({"recipe": "ade", "crop": 64, "max_size": 400}, 12),
+        ({"recipe": "resize", "short": 200, "max_size": 250}, 1),
+    ],
+)
 def test_masks_follow_the_image(tmp_path, recipe, repeats):
     dataset = CocoInstanceDataset(write_dataset(tmp_path), tmp_path, build_transform(**recipe))
     torch.manual_seed(0)

@@ -3,9 +3,10 @@ single-process evaluate.py of the same checkpoint on the same images."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from tiny_run import data_overrides, read_metrics, run_script, train_overrides
+pytestmark = pytest.mark.slow
 
 # 5 validation images over 2 ranks, one per batch (as the COCO recipes: a batch pads its images to a common
 # size, which changes the predictions): rank 0 scores 3 images, rank 1 2. A zero object-mask threshold keeps
@@ -15,26 +16,42 @@ SHARED = ["data.synthetic.num_val=5", "data.eval_batch_size=1", "postprocess.obj
 TRAIN = ["optimizer.lr=1e-2", "trainer.check_val_every_n_epoch=10"]
 
 
-def test_ddp_metrics_equal_a_single_process_evaluation(tmp_path):
+def test_ddp_metrics_equal_a_single_process_evaluation(tmp_path, tiny):
+    # Its own data folder: 5 validation images, not the shared tiny data set of `synthetic_root`.
     data_root, run = tmp_path / "data", tmp_path / "ddp"
-    result = run_script(
-        ["train.py", *train_overrides(data_root, max_steps=10), *SHARED, *TRAIN, "trainer.devices=2",
-         "trainer.strategy=ddp", "validate_before_fit=false", "logger=none", f"hydra.run.dir={run}"],
+    result = tiny.run_script(
+        [
+            "train.py",
+            *tiny.train_overrides(data_root, max_steps=10),
+            *SHARED,
+            *TRAIN,
+            "trainer.devices=2",
+            "trainer.strategy=ddp",
+            "validate_before_fit=false",
+            "logger=none",
+            f"hydra.run.dir={run}",
+        ],
         timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     checkpoint = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert checkpoint["global_step"] == 10
 
-    result = run_script(
-        ["evaluate.py", f"checkpoint={run / 'checkpoints' / 'last.ckpt'}", *data_overrides(data_root), *SHARED,
-         "trainer.accelerator=cpu", f"hydra.run.dir={tmp_path / 'single'}"]
+    result = tiny.run_script(
+        [
+            "evaluate.py",
+            f"checkpoint={run / 'checkpoints' / 'last.ckpt'}",
+            *tiny.data_overrides(data_root),
+            *SHARED,
+            "trainer.accelerator=cpu",
+            f"hydra.run.dir={tmp_path / 'single'}",
+        ]
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    single = read_metrics(tmp_path / "single" / "eval_test" / "metrics_step0000000.json")
+    single = tiny.read_metrics(tmp_path / "single" / "eval_test" / "metrics_step0000000.json")
     assert single["PQ"] > 0 and single["mIoU"] > 0 and single["segm/AP"] is not None
 
-    validated = read_metrics(run / "eval_val" / "metrics_step0000010.json")  # rank 0, during fit
-    tested = read_metrics(run / "eval_test" / "metrics_step0000010.json")  # rank 0, trainer.test of the best
+    validated = tiny.read_metrics(run / "eval_val" / "metrics_step0000010.json")  # rank 0, during fit
+    tested = tiny.read_metrics(run / "eval_test" / "metrics_step0000010.json")  # rank 0, trainer.test of the best
     assert validated == single
     assert tested == single

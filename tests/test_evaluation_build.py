@@ -51,8 +51,11 @@ def perfect_predictions(data_root: Path, metadata: DatasetMetadata) -> dict[int,
         classes = np.zeros(ids.shape, dtype=np.int64)  # void pixels are ignored by mIoU: any class will do
         for s, label in zip(segments, labels, strict=True):
             classes[ids == s["id"]] = label
-        things = [(s, label) for s, label in zip(segments, labels, strict=True)
-                  if metadata.categories[label]["isthing"] and not s["iscrowd"]]
+        things = [
+            (s, label)
+            for s, label in zip(segments, labels, strict=True)
+            if metadata.categories[label]["isthing"] and not s["iscrowd"]
+        ]
         masks = torch.zeros((len(things), *ids.shape), dtype=torch.bool)
         for n, (s, _) in enumerate(things):
             masks[n] = torch.from_numpy(ids == s["id"])
@@ -61,7 +64,9 @@ def perfect_predictions(data_root: Path, metadata: DatasetMetadata) -> dict[int,
             for s, label in zip(segments, labels, strict=True)
         ]
         instances = {
-            "masks": masks, "scores": torch.ones(len(things)), "labels": torch.tensor([t[1] for t in things]),
+            "masks": masks,
+            "scores": torch.ones(len(things)),
+            "labels": torch.tensor([t[1] for t in things]),
             "boxes": masks_to_boxes(masks) if len(things) else torch.zeros(0, 4),
         }
         predictions[ann["image_id"]] = {

@@ -15,7 +15,6 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from densepred.evaluation import COCOInstanceEvaluator
-from evaluation_synthetic import make_coco_instances
 
 NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
@@ -37,7 +36,9 @@ def standard_results(predictions: dict, contiguous_to_dataset_id: list[int], iou
     results = []
     for image_id, prediction in predictions.items():
         instances = prediction["instances"]
-        for mask, score, label, box in zip(instances["masks"], instances["scores"], instances["labels"], instances["boxes"]):
+        for mask, score, label, box in zip(
+            instances["masks"], instances["scores"], instances["labels"], instances["boxes"], strict=True
+        ):
             result = {"image_id": image_id, "category_id": contiguous_to_dataset_id[int(label)], "score": float(score)}
             if iou_type == "segm":
                 rle = mask_util.encode(np.asfortranarray(mask.numpy()[:, :, None].astype(np.uint8)))[0]
@@ -50,8 +51,8 @@ def standard_results(predictions: dict, contiguous_to_dataset_id: list[int], iou
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return make_coco_instances(tmp_path_factory.mktemp("coco"), seed=0)
+def data(tmp_path_factory, eval_data):
+    return eval_data.make_coco_instances(tmp_path_factory.mktemp("coco"), seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +69,9 @@ def evaluated(data):
 def test_same_numbers_as_cocoeval(data, evaluated, tmp_path, iou_type):
     _, metrics = evaluated
     results_file = tmp_path / "results.json"
-    results_file.write_text(json.dumps(standard_results(data["predictions"], data["contiguous_to_dataset_id"], iou_type)))
+    results_file.write_text(
+        json.dumps(standard_results(data["predictions"], data["contiguous_to_dataset_id"], iou_type))
+    )
     expected = cocoeval_stats(data["ann_file"], results_file, iou_type)
     ours = np.array([metrics[f"{iou_type}/{n}"] for n in NAMES])
     np.testing.assert_array_equal(ours, expected)
@@ -80,7 +83,9 @@ def test_written_results_reproduce_the_numbers(data, evaluated, tmp_path):
     evaluator, metrics = evaluated
     written = evaluator.write(tmp_path)
     assert {p.name for p in written} == {
-        "coco_instances_segm_results.json", "coco_instances_bbox_results.json", "instance_metrics.json"
+        "coco_instances_segm_results.json",
+        "coco_instances_bbox_results.json",
+        "instance_metrics.json",
     }
     for iou_type in ("segm", "bbox"):
         stats = cocoeval_stats(data["ann_file"], tmp_path / f"coco_instances_{iou_type}_results.json", iou_type)
@@ -101,15 +106,27 @@ def test_per_category_ap_averages_to_ap(evaluated):
 def test_perfect_predictions_and_no_predictions(data):
     gt = json.loads(Path(data["ann_file"]).read_text())
     images = {im["id"]: im for im in gt["images"]}
-    perfect, empty = COCOInstanceEvaluator(data["ann_file"], [1, 3, 7]), COCOInstanceEvaluator(data["ann_file"], [1, 3, 7])
+    perfect, empty = (
+        COCOInstanceEvaluator(data["ann_file"], [1, 3, 7]),
+        COCOInstanceEvaluator(data["ann_file"], [1, 3, 7]),
+    )
     for image_id, image in images.items():
         anns = [a for a in gt["annotations"] if a["image_id"] == image_id and not a["iscrowd"]]
-        masks = torch.from_numpy(np.stack([mask_util.decode(a["segmentation"]).astype(bool) for a in anns])
-                                 if anns else np.zeros((0, image["height"], image["width"]), bool))
+        masks = torch.from_numpy(
+            np.stack([mask_util.decode(a["segmentation"]).astype(bool) for a in anns])
+            if anns
+            else np.zeros((0, image["height"], image["width"]), bool)
+        )
         boxes = torch.tensor([[x, y, x + w, y + h] for x, y, w, h in (a["bbox"] for a in anns)]).reshape(-1, 4)
         labels = torch.tensor([[1, 3, 7].index(a["category_id"]) for a in anns], dtype=torch.long)
-        perfect.process([image_id], [{"instances": {"masks": masks, "scores": torch.ones(len(anns)), "labels": labels, "boxes": boxes}}])
-        empty.process([image_id], [{"instances": {"masks": masks[:0], "scores": torch.ones(0), "labels": labels[:0], "boxes": boxes[:0]}}])
+        perfect.process(
+            [image_id],
+            [{"instances": {"masks": masks, "scores": torch.ones(len(anns)), "labels": labels, "boxes": boxes}}],
+        )
+        empty.process(
+            [image_id],
+            [{"instances": {"masks": masks[:0], "scores": torch.ones(0), "labels": labels[:0], "boxes": boxes[:0]}}],
+        )
     assert perfect.evaluate()["segm/AP"] == pytest.approx(100.0)
     assert perfect.metrics["bbox/AP"] == pytest.approx(100.0)
     assert empty.evaluate()["segm/AP"] == 0.0
@@ -123,7 +140,9 @@ def test_bad_input_names_the_image_and_the_fix(data):
     small = {"instances": dict(prediction["instances"], masks=prediction["instances"]["masks"][:, :8, :8])}
     with pytest.raises(ValueError, match=r"image 10: instance masks have shape .* expected \(N, 40, 48\)"):
         evaluator.process([10], [small])
-    wrong_label = {"instances": dict(prediction["instances"], labels=torch.full_like(prediction["instances"]["labels"], 5))}
+    wrong_label = {
+        "instances": dict(prediction["instances"], labels=torch.full_like(prediction["instances"]["labels"], 5))
+    }
     with pytest.raises(ValueError, match="image 10: predicted label 5 is not in contiguous_to_dataset_id"):
         evaluator.process([10], [wrong_label])
     with pytest.raises(ValueError, match=r"category ids \[99\]"):

@@ -6,13 +6,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from densepred.data import PanopticGroundTruth
 from densepred.evaluation import COCOInstanceEvaluator, PanopticEvaluator, SemanticEvaluator
-from evaluation_synthetic import make_coco_instances, make_panoptic, make_semantic
+
+pytestmark = pytest.mark.slow
 
 WORLD_SIZE = 2
 
@@ -22,9 +24,14 @@ def evaluate_all(data: dict, image_ids: list[int] | None, out: Path) -> dict[str
     semantic, panoptic = data["semantic"], data["panoptic"]
     evaluators = {
         "instance": COCOInstanceEvaluator(data["coco"]["ann_file"], data["coco"]["contiguous_to_dataset_id"]),
-        "panoptic": PanopticEvaluator(PanopticGroundTruth(panoptic["panoptic_json"], panoptic["panoptic_root"]),
-                                      panoptic["categories"], panoptic["contiguous_to_dataset_id"]),
-        "semantic": SemanticEvaluator(semantic["num_classes"], 255, semantic["ground_truth"].__getitem__, semantic["class_names"]),
+        "panoptic": PanopticEvaluator(
+            PanopticGroundTruth(panoptic["panoptic_json"], panoptic["panoptic_root"]),
+            panoptic["categories"],
+            panoptic["contiguous_to_dataset_id"],
+        ),
+        "semantic": SemanticEvaluator(
+            semantic["num_classes"], 255, semantic["ground_truth"].__getitem__, semantic["class_names"]
+        ),
     }
     results = {}
     for name, evaluator in evaluators.items():
@@ -56,11 +63,12 @@ def worker(rank: int, init_file: str, folder: str) -> None:
         dist.destroy_process_group()
 
 
-def test_two_processes_equal_one(tmp_path):
+def test_two_processes_equal_one(tmp_path, eval_data):
+    # Built here and handed to the workers through data.pt: the spawned processes import this module only.
     data = {
-        "coco": make_coco_instances(tmp_path / "coco", seed=4),
-        "panoptic": make_panoptic(tmp_path / "panoptic", seed=4, num_images=5),
-        "semantic": make_semantic(seed=4, num_images=5),
+        "coco": eval_data.make_coco_instances(tmp_path / "coco", seed=4),
+        "panoptic": eval_data.make_panoptic(tmp_path / "panoptic", seed=4, num_images=5),
+        "semantic": eval_data.make_semantic(seed=4, num_images=5),
     }
     assert all(len(d["predictions"]) == 5 for d in data.values())
     assert shard(0, 5) == [0, 2, 4] and shard(1, 5) == [1, 3, 0]  # image 0 evaluated twice
@@ -71,7 +79,9 @@ def test_two_processes_equal_one(tmp_path):
 
     for rank in range(WORLD_SIZE):
         np.testing.assert_equal(torch.load(tmp_path / f"results_rank{rank}.pt", weights_only=False), single)
-    assert np.isfinite(single["panoptic"]["PQ"]) and single["semantic"]["mIoU"] > 0 and single["instance"]["segm/AP"] > 0
+    assert (
+        np.isfinite(single["panoptic"]["PQ"]) and single["semantic"]["mIoU"] > 0 and single["instance"]["segm/AP"] > 0
+    )
     single_files = sorted(p.relative_to(tmp_path / "single") for p in (tmp_path / "single").rglob("*") if p.is_file())
     ddp_files = sorted(p.relative_to(tmp_path / "ddp") for p in (tmp_path / "ddp").rglob("*") if p.is_file())
     assert ddp_files == single_files and len(single_files) == 2 + 3 + 2 + 5  # JSONs + the 5 panoptic PNGs

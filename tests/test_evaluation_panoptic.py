@@ -12,10 +12,16 @@ from PIL import Image
 from densepred.data import PanopticGroundTruth
 from densepred.data.image_io import id2rgb, rgb2id
 from densepred.evaluation import PanopticEvaluator
-from evaluation_synthetic import PANOPTIC_CATEGORIES, make_panoptic
-from reference.panoptic_reference import pq_compute_reference
 
-C2D = [c["id"] for c in PANOPTIC_CATEGORIES]  # contiguous 0..3 -> person 1, car 2, sky 10, road 11
+
+@pytest.fixture(scope="module")
+def categories(eval_data) -> list[dict]:
+    return eval_data.PANOPTIC_CATEGORIES
+
+
+@pytest.fixture(scope="module")
+def c2d(categories) -> list[int]:
+    return [c["id"] for c in categories]  # contiguous 0..3 -> person 1, car 2, sky 10, road 11
 
 
 def run(data) -> PanopticEvaluator:
@@ -29,34 +35,40 @@ def run(data) -> PanopticEvaluator:
     return evaluator
 
 
-def assert_matches_reference(evaluator: PanopticEvaluator, reference: dict) -> None:
+def assert_matches_reference(evaluator: PanopticEvaluator, reference: dict, categories: list[dict]) -> None:
     for group, suffix in (("All", ""), ("Things", "_th"), ("Stuff", "_st")):
         for metric in ("PQ", "SQ", "RQ"):
-            assert evaluator.metrics[metric + suffix] == pytest.approx(100 * reference[group][metric.lower()], abs=1e-10)
+            assert evaluator.metrics[metric + suffix] == pytest.approx(
+                100 * reference[group][metric.lower()], abs=1e-10
+            )
         assert evaluator.summary[group]["N"] == reference[group]["n"]
-    by_id = {c["id"]: c["name"] for c in PANOPTIC_CATEGORIES}
+    by_id = {c["id"]: c["name"] for c in categories}
     for category_id, values in reference["per_class"].items():
         for metric in ("PQ", "SQ", "RQ"):
-            assert evaluator.per_class[by_id[category_id]][metric] == pytest.approx(100 * values[metric.lower()], abs=1e-10)
+            assert evaluator.per_class[by_id[category_id]][metric] == pytest.approx(
+                100 * values[metric.lower()], abs=1e-10
+            )
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_same_numbers_as_reference(tmp_path, seed):
-    data = make_panoptic(tmp_path, seed=seed)
-    reference = pq_compute_reference(data["panoptic_json"], data["pred_json"], data["panoptic_root"], data["pred_root"])
+def test_same_numbers_as_reference(tmp_path, eval_data, pq_reference, seed):
+    data = eval_data.make_panoptic(tmp_path, seed=seed)
+    reference = pq_reference(data["panoptic_json"], data["pred_json"], data["panoptic_root"], data["pred_root"])
     evaluator = run(data)
-    assert_matches_reference(evaluator, reference)
+    assert_matches_reference(evaluator, reference, data["categories"])
     assert 10 < evaluator.metrics["PQ"] < 90 and evaluator.summary["All"]["N"] == 4
 
 
-def test_written_predictions_give_the_same_numbers(tmp_path):
-    data = make_panoptic(tmp_path / "data", seed=3)
+def test_written_predictions_give_the_same_numbers(tmp_path, eval_data, pq_reference):
+    data = eval_data.make_panoptic(tmp_path / "data", seed=3)
     evaluator = run(data)
     written = evaluator.write(tmp_path / "out")
     assert len(written) == 5 + 2
     pred_json = tmp_path / "out" / "panoptic_predictions.json"
-    reference = pq_compute_reference(data["panoptic_json"], pred_json, data["panoptic_root"], tmp_path / "out" / "panoptic_predictions")
-    assert_matches_reference(evaluator, reference)
+    reference = pq_reference(
+        data["panoptic_json"], pred_json, data["panoptic_root"], tmp_path / "out" / "panoptic_predictions"
+    )
+    assert_matches_reference(evaluator, reference, data["categories"])
     saved = json.loads(pred_json.read_text())
     assert [a["image_id"] for a in saved["annotations"]] == sorted(data["predictions"])
     first = saved["annotations"][0]
@@ -67,7 +79,8 @@ def test_written_predictions_give_the_same_numbers(tmp_path):
     assert metrics == pytest.approx(evaluator.metrics)
 
 
-def hand_example(tmp_path):
+@pytest.fixture
+def hand_example(tmp_path, categories, c2d):
     """One 10x10 image. Ground truth: sky (id 5) rows 0-4; person (id 7) rows 5-9 x cols 0-4;
     void rows 5-9 x cols 5-7; car (id 9) rows 5-9 x cols 8-9. Prediction: sky (id 1) rows 0-5;
     person (id 2) rows 6-9 x cols 0-4; person (id 3) rows 6-9 x cols 5-7 (on void); road (id 4)
@@ -83,19 +96,27 @@ def hand_example(tmp_path):
     pred[6:, 8:] = 4
     (tmp_path / "gt").mkdir()
     Image.fromarray(id2rgb(gt)).save(tmp_path / "gt" / "1.png")
-    segments = [{"id": 5, "category_id": 10, "area": 50, "iscrowd": 0}, {"id": 7, "category_id": 1, "area": 25, "iscrowd": 0},
-                {"id": 9, "category_id": 2, "area": 10, "iscrowd": 0}]
-    (tmp_path / "gt.json").write_text(json.dumps({
-        "images": [{"id": 1, "height": 10, "width": 10, "file_name": "1.jpg"}],
-        "annotations": [{"image_id": 1, "file_name": "1.png", "segments_info": segments}], "categories": PANOPTIC_CATEGORIES,
-    }))
+    segments = [
+        {"id": 5, "category_id": 10, "area": 50, "iscrowd": 0},
+        {"id": 7, "category_id": 1, "area": 25, "iscrowd": 0},
+        {"id": 9, "category_id": 2, "area": 10, "iscrowd": 0},
+    ]
+    (tmp_path / "gt.json").write_text(
+        json.dumps(
+            {
+                "images": [{"id": 1, "height": 10, "width": 10, "file_name": "1.jpg"}],
+                "annotations": [{"image_id": 1, "file_name": "1.png", "segments_info": segments}],
+                "categories": categories,
+            }
+        )
+    )
     segments_info = [{"id": 1, "label": 2}, {"id": 2, "label": 0}, {"id": 3, "label": 0}, {"id": 4, "label": 3}]
-    evaluator = PanopticEvaluator(PanopticGroundTruth(tmp_path / "gt.json", tmp_path / "gt"), PANOPTIC_CATEGORIES, C2D)
+    evaluator = PanopticEvaluator(PanopticGroundTruth(tmp_path / "gt.json", tmp_path / "gt"), categories, c2d)
     return evaluator, pred, segments_info
 
 
-def test_hand_counted_example(tmp_path):
-    evaluator, pred, segments_info = hand_example(tmp_path)
+def test_hand_counted_example(hand_example):
+    evaluator, pred, segments_info = hand_example
     evaluator.process([1], [{"panoptic_seg": torch.from_numpy(pred), "segments_info": segments_info}])
     m = evaluator.evaluate()
     # sky: |G n P| = 50, |P| = 60, void n P = row 5 x cols 5-7 = 3 -> IoU 50 / (60 + 50 - 50 - 3) = 50/57, TP.
@@ -111,14 +132,14 @@ def test_hand_counted_example(tmp_path):
     assert "Things" in evaluator.table() and "| All" in evaluator.table()
 
 
-def test_crowd_region_ignores_predictions_of_its_category_only(tmp_path):
-    evaluator, pred, segments_info = hand_example(tmp_path)
+def test_crowd_region_ignores_predictions_of_its_category_only(tmp_path, hand_example, categories, c2d):
+    evaluator, pred, segments_info = hand_example
     gt_json = json.loads((tmp_path / "gt.json").read_text())
     gt_json["annotations"][0]["segments_info"][2]["iscrowd"] = 1  # the car becomes a crowd region
     (tmp_path / "gt.json").write_text(json.dumps(gt_json))
     for road_label, expected_fp in ((3, 1), (1, 0)):  # road on the car crowd: an FP; car on it: ignored
         ground_truth = PanopticGroundTruth(tmp_path / "gt.json", tmp_path / "gt")
-        evaluator = PanopticEvaluator(ground_truth, PANOPTIC_CATEGORIES, C2D)
+        evaluator = PanopticEvaluator(ground_truth, categories, c2d)
         info = segments_info[:3] + [{"id": 4, "label": road_label}]
         evaluator.process([1], [{"panoptic_seg": torch.from_numpy(pred), "segments_info": info}])
         evaluator.evaluate()
@@ -127,15 +148,22 @@ def test_crowd_region_ignores_predictions_of_its_category_only(tmp_path):
         assert evaluator.summary["Stuff"]["N"] == 1 + expected_fp
 
 
-def test_bad_input_names_the_image_and_the_fix(tmp_path):
-    evaluator, pred, segments_info = hand_example(tmp_path)
-    with pytest.raises(ValueError, match=r"image 1: panoptic_seg contains segment ids \[4\] that segments_info does not list"):
+def test_bad_input_names_the_image_and_the_fix(tmp_path, hand_example, categories, c2d):
+    evaluator, pred, segments_info = hand_example
+    with pytest.raises(
+        ValueError, match=r"image 1: panoptic_seg contains segment ids \[4\] that segments_info does not list"
+    ):
         evaluator.process([1], [{"panoptic_seg": torch.from_numpy(pred), "segments_info": segments_info[:3]}])
     with pytest.raises(ValueError, match="image id 2 has no annotation in .*gt.json"):
         evaluator.process([2], [{"panoptic_seg": torch.from_numpy(pred), "segments_info": segments_info}])
-    with pytest.raises(ValueError, match=r"image 1: panoptic_seg has shape \(10, 8\), the ground-truth PNG 1.png has \(10, 10\)"):
+    with pytest.raises(
+        ValueError, match=r"image 1: panoptic_seg has shape \(10, 8\), the ground-truth PNG 1.png has \(10, 10\)"
+    ):
         evaluator.process([1], [{"panoptic_seg": torch.from_numpy(pred[:, :8]), "segments_info": segments_info}])
     with pytest.raises(ValueError, match="image 1: predicted label 9 is not in contiguous_to_dataset_id"):
-        evaluator.process([1], [{"panoptic_seg": torch.from_numpy(pred), "segments_info": segments_info[:3] + [{"id": 4, "label": 9}]}])
+        evaluator.process(
+            [1],
+            [{"panoptic_seg": torch.from_numpy(pred), "segments_info": segments_info[:3] + [{"id": 4, "label": 9}]}],
+        )
     with pytest.raises(FileNotFoundError, match="panoptic PNG folder .*nowhere does not exist"):
-        PanopticEvaluator(PanopticGroundTruth(tmp_path / "gt.json", tmp_path / "nowhere"), PANOPTIC_CATEGORIES, C2D)
+        PanopticEvaluator(PanopticGroundTruth(tmp_path / "gt.json", tmp_path / "nowhere"), categories, c2d)

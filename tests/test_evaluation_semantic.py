@@ -11,7 +11,6 @@ import torch
 from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardIndex
 
 from densepred.evaluation import Evaluator, SemanticEvaluator
-from evaluation_synthetic import make_semantic
 
 
 def one_hot_scores(pred: np.ndarray, num_classes: int) -> torch.Tensor:
@@ -22,7 +21,9 @@ def test_hand_computed_example():
     # K = 4 (class 3 never appears). Pixels (prediction, ground truth), the last ground truth ignored:
     gt = np.array([[0, 0, 1, 255], [2, 2, 1, 1]])
     pred = np.array([[0, 1, 1, 2], [2, 0, 1, 1]])
-    evaluator = SemanticEvaluator(4, 255, {7: gt}.__getitem__, ["a", "b", "c", "d"], contiguous_to_dataset_id=[5, 6, 7, 8])
+    evaluator = SemanticEvaluator(
+        4, 255, {7: gt}.__getitem__, ["a", "b", "c", "d"], contiguous_to_dataset_id=[5, 6, 7, 8]
+    )
     assert isinstance(evaluator, Evaluator)
     evaluator.process([7], [{"sem_seg": one_hot_scores(pred, 4)}])
     m = evaluator.evaluate()
@@ -39,8 +40,8 @@ def test_hand_computed_example():
     assert "mIoU" in evaluator.table() and "52.78" in evaluator.table()
 
 
-def test_same_numbers_as_torchmetrics():
-    data = make_semantic(seed=0, num_classes=5)
+def test_same_numbers_as_torchmetrics(eval_data):
+    data = eval_data.make_semantic(seed=0, num_classes=5)
     k = data["num_classes"]
     evaluator = SemanticEvaluator(k, 255, data["ground_truth"].__getitem__, data["class_names"])
     jaccard = MulticlassJaccardIndex(k, average=None, ignore_index=255)
@@ -62,8 +63,8 @@ def test_same_numbers_as_torchmetrics():
     assert 30 < m["mIoU"] < 95
 
 
-def test_written_predictions_decode_to_the_argmax(tmp_path):
-    data = make_semantic(seed=1, num_classes=3, num_images=2)
+def test_written_predictions_decode_to_the_argmax(tmp_path, eval_data):
+    data = eval_data.make_semantic(seed=1, num_classes=3, num_images=2)
     evaluator = SemanticEvaluator(3, 255, data["ground_truth"].__getitem__, data["class_names"], [10, 20, 30])
     evaluator.process(list(data["predictions"]), list(data["predictions"].values()))
     evaluator.evaluate()

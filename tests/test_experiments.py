@@ -16,8 +16,8 @@ from densepred.data import DataModule
 from densepred.engine.build import build_module
 from densepred.engine.optim import build_adamw
 from densepred.engine.schedules import build_scheduler
-from tiny_run import ROOT, compose_train, run_script, train_overrides
 
+ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENTS = sorted(p.stem for p in (ROOT / "configs" / "experiment").glob("*.yaml"))
 
 LSJ_1024 = {"recipe": "lsj", "size": 1024, "scale": [0.1, 2.0]}
@@ -26,10 +26,28 @@ COCO_EVAL = {"recipe": "resize", "short": 800, "max_size": 1333}
 RECIPES = {
     "coco_panoptic_r50": ("panoptic", "resnet50", 133, 80, "multistep", 368750, "val/PQ", LSJ_1024, COCO_EVAL),
     "coco_panoptic_swin_tiny": ("panoptic", "swin_tiny", 133, 80, "multistep", 368750, "val/PQ", LSJ_1024, COCO_EVAL),
-    "coco_instance_swin_tiny": ("instance", "swin_tiny", 80, 80, "multistep", 368750, "val/segm/AP", LSJ_1024, COCO_EVAL),
-    "ade20k_semantic_r50": ("semantic", "resnet50", 150, 0, "poly", 160000, "val/mIoU",
-                            {"recipe": "ade", "crop": 512, "max_size": 2048},
-                            {"recipe": "resize", "short": 512, "max_size": 2048}),
+    "coco_instance_swin_tiny": (
+        "instance",
+        "swin_tiny",
+        80,
+        80,
+        "multistep",
+        368750,
+        "val/segm/AP",
+        LSJ_1024,
+        COCO_EVAL,
+    ),
+    "ade20k_semantic_r50": (
+        "semantic",
+        "resnet50",
+        150,
+        0,
+        "poly",
+        160000,
+        "val/mIoU",
+        {"recipe": "ade", "crop": 512, "max_size": 2048},
+        {"recipe": "resize", "short": 512, "max_size": 2048},
+    ),
 }
 BACKBONE_BUILDS = {
     "resnet50": ("ResNetBackbone", [256, 512, 1024, 2048]),
@@ -50,9 +68,9 @@ def test_every_experiment_has_a_recipe_here():
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
-def test_experiment_composes_and_builds_with_the_published_recipe(tmp_path, name):
+def test_experiment_composes_and_builds_with_the_published_recipe(tmp_path, tiny, name):
     task, backbone, classes, things, schedule, max_steps, monitor, train_tf, eval_tf = RECIPES[name]
-    cfg = compose_train([f"experiment={name}", "backbone.pretrained=null"], tmp_path)
+    cfg = tiny.compose_train([f"experiment={name}", "backbone.pretrained=null"], tmp_path)
 
     # Data: the task, the dataset folder (relative, for data.root=...), the recipe's transforms, 2 images per GPU.
     datamodule = instantiate(cfg.data)  # reads nothing until setup / metadata
@@ -90,13 +108,19 @@ def test_experiment_composes_and_builds_with_the_published_recipe(tmp_path, name
     postprocess = module.postprocess
     assert (postprocess.object_mask_threshold, postprocess.overlap_threshold, postprocess.test_topk) == (0.8, 0.8, 100)
     assert (postprocess.panoptic_on, postprocess.instance_on, postprocess.semantic_on) == (
-        task == "panoptic", task in ("panoptic", "instance"), task in ("panoptic", "semantic"))
+        task == "panoptic",
+        task in ("panoptic", "instance"),
+        task in ("panoptic", "semantic"),
+    )
 
     # Optimizer: AdamW 1e-4, weight decay 0.05, backbone lr x0.1, no decay on norms and query embeddings.
     optimizer = build_adamw(module.model, **module.optimizer_config)
     groups = {g["name"]: (g["lr"], g["weight_decay"]) for g in optimizer.param_groups}
     expected = {
-        "backbone_wd0.05": (1e-5, 0.05), "backbone_wd0": (1e-5, 0.0), "head_wd0.05": (1e-4, 0.05), "head_wd0": (1e-4, 0.0)
+        "backbone_wd0.05": (1e-5, 0.05),
+        "backbone_wd0": (1e-5, 0.0),
+        "head_wd0.05": (1e-4, 0.05),
+        "head_wd0": (1e-4, 0.0),
     }
     if backbone == "resnet50":  # frozen BatchNorm: no trainable backbone norm
         del expected["backbone_wd0"]
@@ -127,17 +151,26 @@ def test_experiment_composes_and_builds_with_the_published_recipe(tmp_path, name
         (["head=mask2former", "neck=fpn", "criterion=maskformer"], "FPN", "full", None),
     ],
 )
-def test_head_brings_its_neck_and_criterion_unless_given(tmp_path, overrides, neck, mask_loss, num_points):
-    cfg = compose_train(overrides, tmp_path)
+def test_head_brings_its_neck_and_criterion_unless_given(tmp_path, tiny, overrides, neck, mask_loss, num_points):
+    cfg = tiny.compose_train(overrides, tmp_path)
     assert cfg.neck._target_.rsplit(".", 1)[1] == neck
     assert cfg.criterion.mask_loss == mask_loss and cfg.criterion.get("num_points") == num_points
 
 
-def test_multirun_sweep_trains_one_run_per_value(tmp_path):
+@pytest.mark.slow
+def test_multirun_sweep_trains_one_run_per_value(tmp_path, tiny, synthetic_root):
     sweep = tmp_path / "sweep"
-    result = run_script(
-        ["train.py", "-m", *train_overrides(tmp_path / "data"), "validate_before_fit=false",
-         "test_after_fit=false", "logger=none", "seed=0,1", f"hydra.sweep.dir={sweep}"]
+    result = tiny.run_script(
+        [
+            "train.py",
+            "-m",
+            *tiny.train_overrides(synthetic_root),
+            "validate_before_fit=false",
+            "test_after_fit=false",
+            "logger=none",
+            "seed=0,1",
+            f"hydra.sweep.dir={sweep}",
+        ]
     )
     assert result.returncode == 0, result.stderr[-3000:]
     weights = []

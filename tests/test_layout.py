@@ -7,6 +7,7 @@ module's imports with `ast`, function-level imports included, so a lazy import i
 from __future__ import annotations
 
 import ast
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -16,7 +17,12 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 # Source folder -> the package it installs as (pyproject.toml's package-dir mapping).
-SOURCES = {"densepred": "densepred", "backbones": "densepred.backbones", "necks": "densepred.necks", "heads": "densepred.heads"}
+SOURCES = {
+    "densepred": "densepred",
+    "backbones": "densepred.backbones",
+    "necks": "densepred.necks",
+    "heads": "densepred.heads",
+}
 ENTRY_POINTS = ("train", "evaluate", "predict", "export")
 # What each part of densepred may import from densepred (besides itself). Keep in step with docs/architecture.md.
 ALLOWED = {
@@ -32,8 +38,16 @@ ALLOWED = {
     "segmenter": {"backbones", "necks", "heads", "layers", "utils"},
     "convert": {"backbones", "segmenter", "export_format", "utils"},
     "engine": {
-        "backbones", "necks", "heads", "layers", "data", "evaluation", "segmenter", "visualization",
-        "export_format", "utils",
+        "backbones",
+        "necks",
+        "heads",
+        "layers",
+        "data",
+        "evaluation",
+        "segmenter",
+        "visualization",
+        "export_format",
+        "utils",
     },
 }
 
@@ -136,8 +150,10 @@ def test_nothing_imports_the_entry_points():
     for path in [*_modules().values(), *(ROOT / "tests").rglob("*.py"), *(ROOT / "bench").rglob("*.py")]:
         for node in ast.walk(ast.parse(path.read_text())):
             names = (
-                [a.name for a in node.names] if isinstance(node, ast.Import)
-                else [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom) and not node.level
                 else []
             )
             assert not set(names) & set(ENTRY_POINTS), f"{path} imports an entry point: {names}"
@@ -153,6 +169,7 @@ def _shadowing_folder(folder: Path, with_model_package: bool) -> Path:
     return folder
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("with_model_package", [False, True], ids=["model.py", "model/"])
 def test_a_user_folder_with_generic_names_changes_nothing(tmp_path, with_model_package):
     """The entry points' own imports, run from a folder holding data/, heads/, evaluation/, model.py or model/."""
@@ -172,10 +189,13 @@ def test_a_user_folder_with_generic_names_changes_nothing(tmp_path, with_model_p
 
 @pytest.mark.slow
 def test_the_wheel_installs_only_densepred(tmp_path):
-    result = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(ROOT)],
-        capture_output=True, text=True, timeout=600,
+    """Built from a clean copy of the sources (a build/ folder of the checkout could hold stale modules)."""
+    source = tmp_path / "src"
+    shutil.copytree(
+        ROOT, source, ignore=shutil.ignore_patterns(".git", ".venv", "build", "outputs", "*.egg-info", "__pycache__")
     )
+    command = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path)]
+    result = subprocess.run([*command, str(source)], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     (wheel,) = tmp_path.glob("densepred-*.whl")
     with zipfile.ZipFile(wheel) as archive:
@@ -184,8 +204,8 @@ def test_the_wheel_installs_only_densepred(tmp_path):
         assert archive.read(top_level).decode().split() == ["densepred"]
     assert {n.split("/")[0] for n in names} == {"densepred", wheel.name.split("-py")[0] + ".dist-info"}
     # The design-card folders and the configs are inside the one package.
-    for module in ("densepred/backbones/base.py", "densepred/necks/fpn.py", "densepred/heads/criterion.py"):
-        assert module in names
+    for member in ("backbones/base.py", "necks/fpn.py", "heads/criterion.py", "configs/criterion/mask2former.yaml"):
+        assert f"densepred/{member}" in names
 
 
 def test_the_installed_distribution_declares_only_densepred():

@@ -14,9 +14,9 @@ from transformers.models.mask2former.modeling_mask2former import (
 
 from densepred.backbones.swin import SwinBackbone
 from densepred.heads.mask2former import Mask2FormerHead, masked_attention_mask
-from densepred.segmenter import Segmenter
 from densepred.layers import NeckOutput
 from densepred.necks.msdeform_pixel_decoder import MSDeformAttnPixelDecoder
+from densepred.segmenter import Segmenter
 
 
 def test_attention_mask_blocks_below_half_and_opens_empty_rows():
@@ -102,12 +102,20 @@ def test_defaults_are_the_official_model():
 def tiny_segmenter() -> Segmenter:
     torch.manual_seed(0)
     backbone = SwinBackbone(
-        embed_dim=16, depths=(1, 1, 2, 1), num_heads=(1, 2, 2, 4), window_size=4,
+        embed_dim=16,
+        depths=(1, 1, 2, 1),
+        num_heads=(1, 2, 2, 4),
+        window_size=4,
         out_features=["stage1", "stage2", "stage3", "stage4"],
     )
     neck = partial(
         MSDeformAttnPixelDecoder,
-        conv_dim=32, mask_dim=16, encoder_layers=2, num_heads=4, dim_feedforward=64, num_groups=8,
+        conv_dim=32,
+        mask_dim=16,
+        encoder_layers=2,
+        num_heads=4,
+        dim_feedforward=64,
+        num_groups=8,
     )
     head = partial(Mask2FormerHead, hidden_dim=32, num_queries=6, num_heads=4, dim_feedforward=64, num_layers=3)
     return Segmenter(backbone, neck, head, num_classes=4)

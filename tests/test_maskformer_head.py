@@ -8,12 +8,12 @@ import torch
 from transformers import MaskFormerConfig, MaskFormerDetrConfig, MaskFormerForInstanceSegmentation, ResNetConfig
 
 from densepred.backbones.resnet import ResNetBackbone
-from densepred.heads.maskformer import MaskFormerHead
 from densepred.convert.maskformer import convert_maskformer_neck_head
-from densepred.segmenter import Segmenter
+from densepred.heads.maskformer import MaskFormerHead
 from densepred.layers import NeckOutput
 from densepred.necks.fpn import FPN
 from densepred.necks.pixel_decoder import BasePixelDecoder, TransformerEncoderPixelDecoder
+from densepred.segmenter import Segmenter
 
 NUM_LAYERS = 3
 
@@ -21,7 +21,10 @@ NUM_LAYERS = 3
 def tiny_hf_maskformer() -> MaskFormerForInstanceSegmentation:
     torch.manual_seed(0)
     backbone = ResNetConfig(
-        embedding_size=16, hidden_sizes=[32, 32, 64, 64], depths=[1, 1, 1, 1], layer_type="basic",
+        embedding_size=16,
+        hidden_sizes=[32, 32, 64, 64],
+        depths=[1, 1, 1, 1],
+        layer_type="basic",
         out_features=["stage1", "stage2", "stage3", "stage4"],
     )
     decoder = MaskFormerDetrConfig(
@@ -66,7 +69,7 @@ def test_neck_and_head_equal_transformers_on_the_same_backbone_maps():
     assert (got["pred_logits"] - want.class_queries_logits).abs().max() <= 1e-4
     assert (got["pred_masks"] - want.masks_queries_logits).abs().max() <= 1e-4
     assert len(got["aux_outputs"]) == NUM_LAYERS - 1 == len(aux)
-    for ours, (logits, masks) in zip(got["aux_outputs"], aux):
+    for ours, (logits, masks) in zip(got["aux_outputs"], aux, strict=True):
         assert (ours["pred_logits"] - logits).abs().max() <= 1e-4
         assert (ours["pred_masks"] - masks).abs().max() <= 1e-4
 
@@ -116,7 +119,11 @@ UNUSED = {"fpn": {f"neck.fpn.layer_blocks.{i}.0.{t}" for i in (1, 2) for t in ("
 def test_gradients_reach_every_trainable_parameter(neck):
     torch.manual_seed(0)
     backbone = ResNetBackbone(
-        "basic", [1, 1, 1, 1], stage_channels=[32, 32, 64, 64], stem_channels=16, norm="bn",
+        "basic",
+        [1, 1, 1, 1],
+        stage_channels=[32, 32, 64, 64],
+        stem_channels=16,
+        norm="bn",
         out_features=["stage1", "stage2", "stage3", "stage4"],
     )
     head = partial(MaskFormerHead, hidden_dim=32, num_queries=4, num_heads=4, dim_feedforward=32, num_layers=2)

@@ -130,14 +130,14 @@ def test_point_matcher_recovers_known_assignment_with_an_image_without_targets()
     permutations = [[4, 0, 2], [], [5, 1]]  # target i of image b is predicted by query permutations[b][i]
     class_logits = torch.zeros(3, num_queries, num_classes + 1)
     mask_logits = torch.full((3, num_queries, 16, 16), -6.0)
-    for b, (target, queries) in enumerate(zip(targets, permutations)):
+    for b, (target, queries) in enumerate(zip(targets, permutations, strict=True)):
         small = F.interpolate(target["masks"][:, None].float(), size=(16, 16), mode="area")[:, 0]
         for i, q in enumerate(queries):
             mask_logits[b, q] = 12 * small[i] - 6
             class_logits[b, q, target["labels"][i]] = 4.0
     matches = HungarianMatcher(num_points=1000)({"pred_logits": class_logits, "pred_masks": mask_logits}, targets)
     assert [len(q) for q, _ in matches] == [3, 0, 2]
-    for (queries, found), expected in zip(matches, permutations):
+    for (queries, found), expected in zip(matches, permutations, strict=True):
         assert queries[found.argsort()].tolist() == expected
     assert matches[1][0].dtype == torch.int64 and matches[1][0].shape == (0,)
 
@@ -153,7 +153,7 @@ def test_point_matcher_equals_transformers_matcher_with_the_same_random_points()
     got = ours({"pred_logits": class_logits, "pred_masks": mask_logits}, targets)
     torch.manual_seed(3)  # transformers draws rand(1, P, 2) per image: the same numbers as our rand(B, P, 2)
     want = reference(mask_logits, class_logits, [t["masks"].float() for t in targets], [t["labels"] for t in targets])
-    for (q, t), (q_ref, t_ref) in zip(got, want):
+    for (q, t), (q_ref, t_ref) in zip(got, want, strict=True):
         assert torch.equal(q, q_ref) and torch.equal(t, t_ref)
 
 
@@ -167,7 +167,7 @@ def test_full_matcher_equals_transformers_maskformer_matcher():
     want = MaskFormerHungarianMatcher(1.0, 20.0, 1.0)(
         mask_logits, class_logits, [t["masks"].float() for t in targets], [t["labels"] for t in targets]
     )
-    for (q, t), (q_ref, t_ref) in zip(got, want):
+    for (q, t), (q_ref, t_ref) in zip(got, want, strict=True):
         assert torch.equal(q, q_ref) and torch.equal(t, t_ref)
 
 
@@ -223,7 +223,7 @@ def test_nan_predictions_raise_and_infinite_ones_are_clamped():
         assert torch.isfinite(matcher.cost_matrix(inf_outputs, targets)).all()
         [(queries, found)] = matcher(inf_outputs, targets)
         if mask_loss == "full":
-            assert dict(zip(found.tolist(), queries.tolist()))[1] == 2
+            assert dict(zip(found.tolist(), queries.tolist(), strict=True))[1] == 2
 
 
 def test_bad_configuration_and_targets_are_clear_errors():

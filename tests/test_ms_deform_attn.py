@@ -129,7 +129,7 @@ def tiny_decoder(**kwargs) -> MSDeformAttnPixelDecoder:
 def tiny_features(batch=2, height=64, width=96) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(1)
     channels, strides = [8, 16, 24, 32], [4, 8, 16, 32]
-    return [torch.randn(batch, c, height // s, width // s, generator=g) for c, s in zip(channels, strides)]
+    return [torch.randn(batch, c, height // s, width // s, generator=g) for c, s in zip(channels, strides, strict=True)]
 
 
 def test_pixel_decoder_shapes():

@@ -6,8 +6,8 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from torch import nn
 from omegaconf import OmegaConf
+from torch import nn
 from torchvision.ops import FrozenBatchNorm2d
 
 from densepred.backbones import AutoBackbone, Backbone, list_backbones
@@ -66,7 +66,9 @@ def test_stages_channels_strides_and_shapes(name):
     with torch.no_grad():
         square = model(torch.randn(2, 3, 224, 224)).feature_maps
         odd = model(torch.randn(1, 3, 225, 301)).feature_maps
-    assert [tuple(f.shape) for f in square] == [(2, c, 224 // s, 224 // s) for c, s in zip(channels, model.strides, strict=True)]
+    assert [tuple(f.shape) for f in square] == [
+        (2, c, 224 // s, 224 // s) for c, s in zip(channels, model.strides, strict=True)
+    ]
     assert [tuple(f.shape) for f in odd] == [(1, c, *hw) for c, hw in zip(channels, odd_sizes, strict=True)]
     assert all(torch.isfinite(f).all() for f in odd)
 
@@ -128,8 +130,10 @@ def test_same_weights_same_features_as_timm(name):
     """Native models use timm's state-dict layout: timm's weights load as they are and give timm's features."""
     torch.manual_seed(0)
     reference = _timm_reference(name).eval()
-    model = AutoBackbone.from_config(name, out_indices=(1, 2, 3, 4), norm="bn") if "resnet" in name else (
-        AutoBackbone.from_config(name, out_indices=(1, 2, 3, 4))
+    model = (
+        AutoBackbone.from_config(name, out_indices=(1, 2, 3, 4), norm="bn")
+        if "resnet" in name
+        else (AutoBackbone.from_config(name, out_indices=(1, 2, 3, 4)))
     )
     model.eval()
     weights = {k: v for k, v in reference.state_dict().items() if not k.startswith(("head.", "fc.", "norm."))}
@@ -163,9 +167,9 @@ def test_resnet_norm_choices():
 
 @pytest.mark.parametrize("name", ["resnet18", "swin_tiny", "convnext_tiny"])
 def test_freeze_at(name):
-    model = AutoBackbone.from_config(name, out_indices=ALL, freeze_at=1, drop_path_rate=0.1, **(
-        {"norm": "bn"} if "resnet" in name else {}
-    ))
+    model = AutoBackbone.from_config(
+        name, out_indices=ALL, freeze_at=1, drop_path_rate=0.1, **({"norm": "bn"} if "resnet" in name else {})
+    )
     model.train()
     groups = model.stage_modules()
     for position, modules in enumerate(groups):

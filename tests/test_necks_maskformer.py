@@ -11,8 +11,8 @@ from transformers.models.maskformer.modeling_maskformer import (
     MaskFormerSinePositionEmbedding,
 )
 
-from densepred.necks.fpn import FPN
 from densepred.layers import PositionEmbeddingSine
+from densepred.necks.fpn import FPN
 from densepred.necks.pixel_decoder import BasePixelDecoder, TransformerEncoderPixelDecoder
 
 CHANNELS = [16, 24, 40, 48]
@@ -22,7 +22,7 @@ SIZES = [(25, 33), (13, 17), (7, 9), (4, 5)]  # a 97x129 image, ceil halving
 
 def features(batch: int = 2) -> list[torch.Tensor]:
     torch.manual_seed(0)
-    return [torch.randn(batch, c, *hw) for c, hw in zip(CHANNELS, SIZES)]
+    return [torch.randn(batch, c, *hw) for c, hw in zip(CHANNELS, SIZES, strict=True)]
 
 
 def hf_pixel_decoder_state_dict(neck: BasePixelDecoder) -> dict[str, torch.Tensor]:
@@ -66,7 +66,7 @@ def test_fpn_matches_the_fpn_formula_on_an_odd_size():
     assert out.mask_features.shape == (2, 24, 25, 33)
     torch.testing.assert_close(out.mask_features, mask, atol=1e-5, rtol=1e-5)
     assert [tuple(f.shape) for f in out.multi_scale_features] == [(2, 32, 4, 5), (2, 32, 7, 9), (2, 32, 13, 17)]
-    for got, want in zip(out.multi_scale_features, expected[:0:-1]):
+    for got, want in zip(out.multi_scale_features, expected[:0:-1], strict=True):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
@@ -102,20 +102,27 @@ def test_transformer_encoder_pixel_decoder_equals_detr_encoder_and_transformers_
     randomize_norms(neck)
     config = DetrConfig(d_model=32, encoder_attention_heads=4, encoder_ffn_dim=48, use_timm_backbone=False)
     encoder = torch.nn.ModuleList(DetrEncoderLayer(config) for _ in range(2)).eval()
-    for ours, theirs in zip(neck.encoder_layers, encoder):
+    for ours, theirs in zip(neck.encoder_layers, encoder, strict=True):
         q, k, v = ours.self_attn.in_proj_weight.chunk(3)
         qb, kb, vb = ours.self_attn.in_proj_bias.chunk(3)
         theirs.load_state_dict(
             {
-                "self_attn.q_proj.weight": q, "self_attn.q_proj.bias": qb,
-                "self_attn.k_proj.weight": k, "self_attn.k_proj.bias": kb,
-                "self_attn.v_proj.weight": v, "self_attn.v_proj.bias": vb,
+                "self_attn.q_proj.weight": q,
+                "self_attn.q_proj.bias": qb,
+                "self_attn.k_proj.weight": k,
+                "self_attn.k_proj.bias": kb,
+                "self_attn.v_proj.weight": v,
+                "self_attn.v_proj.bias": vb,
                 "self_attn.o_proj.weight": ours.self_attn.out_proj.weight,
                 "self_attn.o_proj.bias": ours.self_attn.out_proj.bias,
-                "self_attn_layer_norm.weight": ours.norm1.weight, "self_attn_layer_norm.bias": ours.norm1.bias,
-                "mlp.fc1.weight": ours.linear1.weight, "mlp.fc1.bias": ours.linear1.bias,
-                "mlp.fc2.weight": ours.linear2.weight, "mlp.fc2.bias": ours.linear2.bias,
-                "final_layer_norm.weight": ours.norm2.weight, "final_layer_norm.bias": ours.norm2.bias,
+                "self_attn_layer_norm.weight": ours.norm1.weight,
+                "self_attn_layer_norm.bias": ours.norm1.bias,
+                "mlp.fc1.weight": ours.linear1.weight,
+                "mlp.fc1.bias": ours.linear1.bias,
+                "mlp.fc2.weight": ours.linear2.weight,
+                "mlp.fc2.bias": ours.linear2.bias,
+                "final_layer_norm.weight": ours.norm2.weight,
+                "final_layer_norm.bias": ours.norm2.bias,
             },
             strict=True,
         )

@@ -90,7 +90,10 @@ def test_schedule_resumes_at_the_same_position():
     sched2.load_state_dict(state)
     opt2.param_groups[0]["lr"] = sched2.get_last_lr()[0]
     for _ in range(5):
-        opt.step(); sched.step(); opt2.step(); sched2.step()
+        opt.step()
+        sched.step()
+        opt2.step()
+        sched2.step()
         assert opt.param_groups[0]["lr"] == pytest.approx(opt2.param_groups[0]["lr"])
 
 

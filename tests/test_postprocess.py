@@ -131,7 +131,7 @@ def test_vectorised_panoptic_equals_the_official_loop_on_random_predictions():
         mask_logits = torch.randn(30, 24, 32, generator=generator) - 4
         corners = torch.randint(0, 20, (30, 2), generator=generator)
         extents = torch.randint(4, 16, (30, 2), generator=generator)
-        for q, ((y, x), (h, w)) in enumerate(zip(corners.tolist(), extents.tolist())):
+        for q, ((y, x), (h, w)) in enumerate(zip(corners.tolist(), extents.tolist(), strict=True)):
             mask_logits[q, y : y + h, x : x + w] += 8
         threshold = [0.5, 0.8][trial % 2]
         got_map, got_segments = panoptic_inference(class_logits, mask_logits, is_thing, threshold, threshold)

@@ -156,7 +156,9 @@ def test_v5_in_memory_layout_loads(tmp_path, family):
     reference.config.save_pretrained(tmp_path)
     state_dict = reference.state_dict()
     if family == "swin":
-        assert any(".attention.q_proj." in k for k in state_dict) and all(k.startswith(("swin.", "hidden")) for k in state_dict)
+        assert any(".attention.q_proj." in k for k in state_dict) and all(
+            k.startswith(("swin.", "hidden")) for k in state_dict
+        )
     save_file({k: v.contiguous() for k, v in state_dict.items()}, tmp_path / "model.safetensors")
     compare(AutoBackbone.from_pretrained(tmp_path), reference, sizes=SIZES[1:])
 
@@ -165,7 +167,10 @@ def to_hub_v4_swin(state_dict: dict[str, torch.Tensor], prefix: str = "swin.") -
     """transformers 5 Swin names -> the v4 names of Hub files, with the position-index buffers they carry."""
     rules = [
         (r"\.attention\.([qkv])_proj\.", lambda m: f".attention.self.{dict(q='query', k='key', v='value')[m[1]]}."),
-        (r"\.attention\.relative_position_bias\.relative_position_bias_table", lambda m: ".attention.self.relative_position_bias_table"),
+        (
+            r"\.attention\.relative_position_bias\.relative_position_bias_table",
+            lambda m: ".attention.self.relative_position_bias_table",
+        ),
         (r"\.attention\.o_proj\.", lambda m: ".attention.output.dense."),
         (r"\.mlp\.fc1\.", lambda m: ".intermediate.dense."),
         (r"\.mlp\.fc2\.", lambda m: ".output.dense."),
@@ -188,7 +193,11 @@ def test_hub_v4_classification_checkpoint_from_the_offline_cache(tmp_path, hub_c
     folder = tmp_path / "hub_files"
     classifier.config.save_pretrained(folder)
     torch.save(to_hub_v4_swin(classifier.state_dict()), folder / "pytorch_model.bin")
-    put_in_hub_cache(hub_cache, "someone/swin-tiny-test", {"config.json": folder / "config.json", "pytorch_model.bin": folder / "pytorch_model.bin"})
+    put_in_hub_cache(
+        hub_cache,
+        "someone/swin-tiny-test",
+        {"config.json": folder / "config.json", "pytorch_model.bin": folder / "pytorch_model.bin"},
+    )
 
     ours = AutoBackbone.from_pretrained("someone/swin-tiny-test", out_indices=[1, 2, 3, 4])
     assert set(ours.load_report.missing) == {f"out_norms.stage{i}.{p}" for i in range(1, 5) for p in ("weight", "bias")}
@@ -227,9 +236,13 @@ def test_native_config_of_a_maskformer_swin_and_its_weights():
 
 def test_from_config_loads_a_transformers_checkpoint_into_a_named_architecture(tmp_path):
     torch.manual_seed(0)
-    reference = randomize_norms(transformers.ResNetBackbone(transformers.ResNetConfig(
-        layer_type="basic", hidden_sizes=[64, 128, 256, 512], depths=[2, 2, 2, 2], out_indices=[1, 2, 3, 4]
-    )))  # microsoft/resnet-18's architecture
+    reference = randomize_norms(
+        transformers.ResNetBackbone(
+            transformers.ResNetConfig(
+                layer_type="basic", hidden_sizes=[64, 128, 256, 512], depths=[2, 2, 2, 2], out_indices=[1, 2, 3, 4]
+            )
+        )
+    )  # microsoft/resnet-18's architecture
     reference.save_pretrained(tmp_path)
     ours = AutoBackbone.from_config("resnet18", out_indices=[1, 2, 3, 4], pretrained=str(tmp_path))
     compare(ours, reference, sizes=[(64, 96)])
@@ -247,7 +260,9 @@ def timm_reference(name: str = "convnext_atto"):
 def test_timm_weights_file_through_timms_loader(tmp_path):
     reference, weights = timm_reference()
     save_file(weights, tmp_path / "convnext_atto.safetensors")
-    ours = AutoBackbone.from_pretrained(tmp_path / "convnext_atto.safetensors", architecture="convnext_atto", out_indices=[0, 1, 2, 3])
+    ours = AutoBackbone.from_pretrained(
+        tmp_path / "convnext_atto.safetensors", architecture="convnext_atto", out_indices=[0, 1, 2, 3]
+    )
     assert isinstance(ours, TimmBackbone)
     compare(ours, reference)
 
@@ -255,18 +270,31 @@ def test_timm_weights_file_through_timms_loader(tmp_path):
 def test_timm_hub_repo_and_default_pretrained_name_from_the_offline_cache(tmp_path, hub_cache):
     reference, weights = timm_reference()
     save_file(weights, tmp_path / "model.safetensors")
-    timm_config = {"architecture": "convnext_atto", "num_classes": 1000, "pretrained_cfg": {"tag": "test", "num_classes": 1000}}
+    timm_config = {
+        "architecture": "convnext_atto",
+        "num_classes": 1000,
+        "pretrained_cfg": {"tag": "test", "num_classes": 1000},
+    }
     (tmp_path / "config.json").write_text(json.dumps(timm_config))
     files = {"config.json": tmp_path / "config.json", "model.safetensors": tmp_path / "model.safetensors"}
     put_in_hub_cache(hub_cache, "timm/convnext_atto.test", files)
     put_in_hub_cache(hub_cache, "timm/convnext_atto.d2_in1k", files)  # timm's default weights for convnext_atto
 
-    for source in ("timm/convnext_atto.test", "convnext_atto", "convnext_atto.d2_in1k", str(tmp_path)):  # + local folder
+    for source in (
+        "timm/convnext_atto.test",
+        "convnext_atto",
+        "convnext_atto.d2_in1k",
+        str(tmp_path),
+    ):  # + local folder
         ours = AutoBackbone.from_pretrained(source, out_indices=[0, 1, 2, 3])
         assert isinstance(ours, TimmBackbone)
         compare(ours, reference, sizes=SIZES[1:])
     # and as a config value: TimmBackbone(pretrained=<Hub repo id>)
-    compare(TimmBackbone("convnext_atto", out_indices=[0, 1, 2, 3], pretrained="timm/convnext_atto.test"), reference, SIZES[1:])
+    compare(
+        TimmBackbone("convnext_atto", out_indices=[0, 1, 2, 3], pretrained="timm/convnext_atto.test"),
+        reference,
+        SIZES[1:],
+    )
 
 
 # ---- original layouts -----------------------------------------------------------------------------
@@ -278,7 +306,9 @@ def to_microsoft_swin(timm_state_dict: dict[str, torch.Tensor]) -> dict[str, tor
         key = re.sub(r"^layers\.(\d+)\.downsample\.", lambda m: f"layers.{int(m[1]) - 1}.downsample.", key)
         out[key.replace("head.fc.", "head.")] = value
         if key.endswith("attn.relative_position_bias_table"):
-            out[key.replace("relative_position_bias_table", "relative_position_index")] = torch.zeros(49, 49, dtype=torch.long)
+            out[key.replace("relative_position_bias_table", "relative_position_index")] = torch.zeros(
+                49, 49, dtype=torch.long
+            )
             out[key.replace("attn.relative_position_bias_table", "attn_mask")] = torch.zeros(4, 49, 49)
     return out
 
@@ -299,7 +329,9 @@ def test_original_microsoft_swin_checkpoint(tmp_path):
     x = torch.randn(2, 3, 224, 224)
     with torch.no_grad():
         levels = timm_swin.eval().forward_intermediates(x, indices=4, intermediates_only=True)  # NCHW
-        expected = [F.layer_norm(t.permute(0, 2, 3, 1), t.shape[1:2]).permute(0, 3, 1, 2) for t in levels]  # fresh out_norms
+        expected = [
+            F.layer_norm(t.permute(0, 2, 3, 1), t.shape[1:2]).permute(0, 3, 1, 2) for t in levels
+        ]  # fresh out_norms
         assert_same_maps(ours.eval()(x).feature_maps, expected)
 
 
@@ -317,7 +349,12 @@ def test_original_facebook_convnext_checkpoint(tmp_path):
     assert all(torch.equal(filtered[k], v) for k, v in timm_convnext.state_dict().items())
     torch.save({"model": original}, tmp_path / "convnext_tiny_1k_224.pth")
     ours = ConvNeXtBackbone(**kwargs, out_indices=[1, 2, 3, 4])
-    assert ours.load_pretrained(tmp_path / "convnext_tiny_1k_224.pth").ignored == ["norm.weight", "norm.bias", "head.weight", "head.bias"]
+    assert ours.load_pretrained(tmp_path / "convnext_tiny_1k_224.pth").ignored == [
+        "norm.weight",
+        "norm.bias",
+        "head.weight",
+        "head.bias",
+    ]
     x = torch.randn(2, 3, 225, 301)
     with torch.no_grad():
         levels = timm_convnext.forward_intermediates(x, indices=4, intermediates_only=True)
@@ -347,7 +384,9 @@ def test_torchvision_resnet_state_dict(tmp_path):
     torch.manual_seed(0)
     reference = randomize_norms(torchvision.models.resnet18())
     torch.save(reference.state_dict(), tmp_path / "resnet18-f37072fd.pth")
-    ours = AutoBackbone.from_pretrained(tmp_path / "resnet18-f37072fd.pth", architecture="resnet18", out_indices=[1, 2, 3, 4])
+    ours = AutoBackbone.from_pretrained(
+        tmp_path / "resnet18-f37072fd.pth", architecture="resnet18", out_indices=[1, 2, 3, 4]
+    )
     assert ours.load_report.ignored == ["fc.weight", "fc.bias"]
     extractor = torchvision.models.feature_extraction.create_feature_extractor(
         reference, return_nodes=["layer1", "layer2", "layer3", "layer4"]
@@ -380,18 +419,28 @@ def test_save_pretrained_round_trip(tmp_path, make):
 def test_convert_cli_then_inspect_cli(tmp_path, capsys):
     hf_model("swin", out_indices=[1, 2, 3, 4]).save_pretrained(tmp_path / "hf")
     assert convert_main([str(tmp_path / "hf"), str(tmp_path / "native")]) == 0
-    assert json.loads((tmp_path / "native" / "config.json").read_text())["densepred_backbone"]["_target_"] == "densepred.backbones.SwinBackbone"
+    assert (
+        json.loads((tmp_path / "native" / "config.json").read_text())["densepred_backbone"]["_target_"]
+        == "densepred.backbones.SwinBackbone"
+    )
     assert inspect_main([str(tmp_path / "native"), "--size", "64", "96"]) == 0
     out = capsys.readouterr().out
-    assert "* stage3             64     16  (1, 64, 4, 6)" in out and "  stem               16      4  (1, 16, 16, 24)" in out
+    assert (
+        "* stage3             64     16  (1, 64, 4, 6)" in out
+        and "  stem               16      4  (1, 16, 16, 24)" in out
+    )
     assert convert_main([str(tmp_path / "missing"), str(tmp_path / "x")]) == 2
     assert "not found" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_inspect_runs_as_a_module():
     result = subprocess.run(
         [sys.executable, "-m", "densepred.backbones.inspect", "resnet50", "--size", "512"],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 0, result.stderr
     assert "* stage4           2048     32  (1, 2048, 16, 16)" in result.stdout
@@ -408,4 +457,6 @@ def test_every_backbone_config_takes_pretrained_and_loads_offline_from_the_cache
         cfg = compose(config_name="train", overrides=["backbone=resnet50"])
     assert cfg.backbone.pretrained == "microsoft/resnet-50"
     backbone = instantiate(cfg.backbone)
-    torch.testing.assert_close(backbone.layer4[2].conv3.weight, hf.resnet.encoder.stages[3].layers[2].layer[2].convolution.weight)
+    torch.testing.assert_close(
+        backbone.layer4[2].conv3.weight, hf.resnet.encoder.stages[3].layers[2].layer[2].convolution.weight
+    )

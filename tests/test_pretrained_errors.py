@@ -38,7 +38,10 @@ def test_checkpoint_of_another_family_is_refused(tmp_path, swin_folder):
 def test_other_depth_is_refused_naming_the_weights(swin_folder):
     deeper = SwinBackbone(embed_dim=16, depths=(1, 2, 3, 1), num_heads=(1, 2, 2, 4))
     before = {k: v.clone() for k, v in deeper.state_dict().items()}
-    with pytest.raises(ValueError, match=r"does not match SwinBackbone.*weights of SwinBackbone are not in the checkpoint: layers\.2\.blocks\.2\."):
+    with pytest.raises(
+        ValueError,
+        match=r"does not match SwinBackbone.*weights of SwinBackbone are not in the checkpoint: layers\.2\.blocks\.2\.",
+    ):
         deeper.load_pretrained(swin_folder)
     # nothing was half-loaded: shapes and keys are checked before any weight is copied
     assert all(torch.equal(v, before[k]) for k, v in deeper.state_dict().items())
@@ -71,10 +74,14 @@ def test_missing_files(tmp_path):
 def test_corrupt_safetensors_file(tmp_path, swin_folder):
     weights = swin_folder / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])  # truncated download
-    with pytest.raises(ValueError, match=r"model\.safetensors is not a valid safetensors file .*download or convert it again"):
+    with pytest.raises(
+        ValueError, match=r"model\.safetensors is not a valid safetensors file .*download or convert it again"
+    ):
         AutoBackbone.from_pretrained(swin_folder)
     (tmp_path / "garbage.safetensors").write_bytes(b"\x00" * 64)
-    with pytest.raises(ValueError, match="loading pretrained weights .*garbage.safetensors.* into timm model 'convnext_atto' failed"):
+    with pytest.raises(
+        ValueError, match="loading pretrained weights .*garbage.safetensors.* into timm model 'convnext_atto' failed"
+    ):
         TimmBackbone("convnext_atto", pretrained=str(tmp_path / "garbage.safetensors"))
 
 
@@ -92,7 +99,9 @@ def test_bin_with_pickled_objects_is_never_unpickled(tmp_path):
     marker = tmp_path / "code_ran"
     with open(tmp_path / "pytorch_model.bin", "wb") as file:
         pickle.dump({"conv1.weight": _Payload(marker)}, file, protocol=2)
-    with pytest.raises(ValueError, match=r"pytorch_model\.bin holds pickled objects that are not tensors, which are never unpickled"):
+    with pytest.raises(
+        ValueError, match=r"pytorch_model\.bin holds pickled objects that are not tensors, which are never unpickled"
+    ):
         AutoBackbone.from_pretrained(tmp_path / "pytorch_model.bin", architecture="resnet18")
     assert not marker.exists()
     torch.save({"state_dict": {"conv1.weight": torch.zeros(1), "epoch": "ten"}}, tmp_path / "mixed.pth")
@@ -104,13 +113,20 @@ def test_bin_with_pickled_objects_is_never_unpickled(tmp_path):
 
 
 def test_configs_that_cannot_be_honoured(tmp_path, swin_folder):
-    with pytest.raises(ValueError, match=r"has no config.json, so its architecture is unknown: pass architecture=<name>"):
+    with pytest.raises(
+        ValueError, match=r"has no config.json, so its architecture is unknown: pass architecture=<name>"
+    ):
         AutoBackbone.from_pretrained(swin_folder / "model.safetensors")
-    (swin_folder / "config.json").write_text(json.dumps({"densepred_backbone": {"_target_": "os.system", "command": "true"}}))
+    (swin_folder / "config.json").write_text(
+        json.dumps({"densepred_backbone": {"_target_": "os.system", "command": "true"}})
+    )
     with pytest.raises(ValueError, match=r"config.json names 'os.system'; loadable backbone classes are"):
         AutoBackbone.from_pretrained(swin_folder)
     absolute = transformers.SwinConfig(use_absolute_embeddings=True).to_dict()
-    with pytest.raises(ValueError, match=r"sets use_absolute_embeddings=True; the native backbone supports only use_absolute_embeddings=False"):
+    with pytest.raises(
+        ValueError,
+        match=r"sets use_absolute_embeddings=True; the native backbone supports only use_absolute_embeddings=False",
+    ):
         native_backbone_from_hf_config(absolute)
     with pytest.raises(ValueError, match=r"model_type='vit'; transformers backbones that load natively are"):
         native_backbone_from_hf_config({"model_type": "vit"})

@@ -12,7 +12,8 @@ import torch
 from lightning import Callback
 
 from densepred.engine.build import build_datamodule, build_module, build_trainer
-from tiny_run import compose_train, read_metrics, train_overrides
+
+pytestmark = pytest.mark.slow
 
 
 class Crash(RuntimeError):
@@ -32,17 +33,17 @@ class RecordBatches(Callback):
         self.image_ids.append(list(batch["image_ids"]))
 
 
-def fit(output_dir: Path, data_root: Path, recorder: RecordBatches, ckpt_path: Path | None = None) -> None:
+def fit(tiny, output_dir: Path, data_root: Path, recorder: RecordBatches, ckpt_path: Path | None = None) -> None:
     """train.py's fit with 2 epochs of 2 steps (poly schedule over 4 steps, point-sampled losses, dropout)."""
     overrides = [
-        *train_overrides(data_root, max_steps=4),
+        *tiny.train_overrides(data_root, max_steps=4),
         "trainer.deterministic=true",
         "head.dropout=0.1",
         "logger=none",
         "validate_before_fit=false",
         "test_after_fit=false",
     ]
-    cfg = compose_train(overrides, output_dir)
+    cfg = tiny.compose_train(overrides, output_dir)
     lightning.seed_everything(cfg.seed, workers=True)
     datamodule = build_datamodule(cfg)
     module = build_module(cfg, datamodule.metadata)
@@ -51,18 +52,18 @@ def fit(output_dir: Path, data_root: Path, recorder: RecordBatches, ckpt_path: P
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
 
 
-def test_resumed_run_equals_the_uninterrupted_one(tmp_path):
-    data_root = tmp_path / "data"
+def test_resumed_run_equals_the_uninterrupted_one(tmp_path, tiny, synthetic_root):
+    data_root = synthetic_root  # the tiny data set, shared (read only) with the other end-to-end tests
     straight = RecordBatches()
-    fit(tmp_path / "straight", data_root, straight)
+    fit(tiny, tmp_path / "straight", data_root, straight)
 
     crashed = RecordBatches(crash_at_step=2)
     with pytest.raises(Crash):
-        fit(tmp_path / "resumed", data_root, crashed)
+        fit(tiny, tmp_path / "resumed", data_root, crashed)
     interrupted = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert interrupted["global_step"] == 2
     resumed = RecordBatches()
-    fit(tmp_path / "resumed", data_root, resumed, ckpt_path=tmp_path / "resumed" / "checkpoints" / "last.ckpt")
+    fit(tiny, tmp_path / "resumed", data_root, resumed, ckpt_path=tmp_path / "resumed" / "checkpoints" / "last.ckpt")
 
     # The same batches in the same order: epoch 1 before the crash, epoch 2 after the resume.
     assert len(straight.image_ids) == 4
@@ -89,4 +90,4 @@ def test_resumed_run_equals_the_uninterrupted_one(tmp_path):
 
     # The validation after the resumed epoch scores exactly as the uninterrupted one.
     metrics = "eval_val/metrics_step0000004.json"
-    assert read_metrics(tmp_path / "straight" / metrics) == read_metrics(tmp_path / "resumed" / metrics)
+    assert tiny.read_metrics(tmp_path / "straight" / metrics) == tiny.read_metrics(tmp_path / "resumed" / metrics)

@@ -17,28 +17,15 @@ from torchvision.io import read_image
 
 from densepred.engine.build import build_datamodule, build_module
 from densepred.engine.loading import load_module
-from tiny_run import (
-    BACKBONES,
-    HEADS,
-    compose_train,
-    data_overrides,
-    load_script,
-    read_metrics,
-    run_script,
-    train_overrides,
-)
+
+pytestmark = pytest.mark.slow
 
 METRIC_KEYS = {"PQ", "PQ_th", "PQ_st", "segm/AP", "bbox/AP", "mIoU"}
 
 
 @pytest.fixture(scope="module")
-def data_root(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("data")
-
-
-@pytest.fixture(scope="module")
-def train_script():
-    return load_script("train")
+def train_script(tiny):
+    return tiny.load_script("train")
 
 
 def model_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
@@ -52,10 +39,11 @@ def assert_metrics(metrics: dict, keys=METRIC_KEYS) -> None:
         assert metrics[key] is None or 0.0 <= metrics[key] <= 100.0, (key, metrics[key])
 
 
-@pytest.mark.parametrize("backbone", list(BACKBONES))
-@pytest.mark.parametrize("head", HEADS)
-def test_train_runs_every_head_on_native_and_timm_backbones(tmp_path, data_root, train_script, head, backbone):
-    cfg = compose_train(train_overrides(data_root, head, backbone), tmp_path)
+def test_train_runs_every_head_on_native_and_timm_backbones(
+    tmp_path, tiny, synthetic_root, train_script, tiny_head, tiny_backbone
+):
+    head, backbone = tiny_head, tiny_backbone
+    cfg = tiny.compose_train(tiny.train_overrides(synthetic_root, head, backbone), tmp_path)
     lightning.seed_everything(cfg.seed)
     datamodule = build_datamodule(cfg)
     initial = {k: v.clone() for k, v in build_module(cfg, datamodule.metadata).model.state_dict().items()}
@@ -75,9 +63,9 @@ def test_train_runs_every_head_on_native_and_timm_backbones(tmp_path, data_root,
     assert any(k.startswith("backbone.") for k in moved) and any(k.startswith("head.") for k in moved)
 
     # Evaluation before fit (step 0), after the epoch (step 2), and of the best checkpoint (test).
-    assert_metrics(read_metrics(tmp_path / "eval_val" / "metrics_step0000000.json"))
-    assert_metrics(read_metrics(tmp_path / "eval_val" / "metrics_step0000002.json"))
-    test_metrics = read_metrics(tmp_path / "eval_test" / "metrics_step0000002.json")
+    assert_metrics(tiny.read_metrics(tmp_path / "eval_val" / "metrics_step0000000.json"))
+    assert_metrics(tiny.read_metrics(tmp_path / "eval_val" / "metrics_step0000002.json"))
+    test_metrics = tiny.read_metrics(tmp_path / "eval_test" / "metrics_step0000002.json")
     assert_metrics(test_metrics)
     assert test_metrics == {k: (None if v != v else v) for k, v in results.items()}
     assert (tmp_path / "eval_test" / "panoptic_predictions.json").is_file()
@@ -101,37 +89,53 @@ def test_train_runs_every_head_on_native_and_timm_backbones(tmp_path, data_root,
 
 
 @pytest.fixture(scope="module")
-def cli_run(tmp_path_factory, data_root) -> Path:
+def cli_run(tmp_path_factory, tiny, synthetic_root) -> Path:
     """`python train.py ...`: the real command line, with Hydra's own output folder."""
     out = tmp_path_factory.mktemp("cli_run")
-    result = run_script(["train.py", *train_overrides(data_root), "validate_before_fit=false", f"hydra.run.dir={out}"])
+    result = tiny.run_script(
+        ["train.py", *tiny.train_overrides(synthetic_root), "validate_before_fit=false", f"hydra.run.dir={out}"]
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert (out / ".hydra" / "config.yaml").is_file()
     return out
 
 
-def test_train_evaluate_predict_command_lines(tmp_path, data_root, cli_run):
+def test_train_evaluate_predict_command_lines(tmp_path, tiny, synthetic_root, cli_run):
     assert sorted(p.name for p in (cli_run / "checkpoints").iterdir()) == ["best-2.ckpt", "last.ckpt"]
     assert (cli_run / "export" / "model.safetensors").is_file() and (cli_run / "export" / "config.json").is_file()
-    trained = read_metrics(cli_run / "eval_test" / "metrics_step0000002.json")
+    trained = tiny.read_metrics(cli_run / "eval_test" / "metrics_step0000002.json")
 
     # evaluate.py on last.ckpt (the only validation saved it with best-2.ckpt): the same numbers as train.py's test.
     out = tmp_path / "evaluate"
-    result = run_script(
-        ["evaluate.py", f"checkpoint={cli_run / 'checkpoints' / 'last.ckpt'}", *data_overrides(data_root),
-         "trainer.accelerator=cpu", f"hydra.run.dir={out}"]
+    result = tiny.run_script(
+        [
+            "evaluate.py",
+            f"checkpoint={cli_run / 'checkpoints' / 'last.ckpt'}",
+            *tiny.data_overrides(synthetic_root),
+            "trainer.accelerator=cpu",
+            f"hydra.run.dir={out}",
+        ]
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    evaluated = read_metrics(next((out / "eval_test").glob("metrics_step*.json")))
+    evaluated = tiny.read_metrics(next((out / "eval_test").glob("metrics_step*.json")))
     assert evaluated == trained
     assert "PQ" in result.stdout and "mIoU" in result.stdout
 
     # predict.py on the export and a folder of images: one overlay per image and predictions.json.
-    images = next(Path(data_root).glob("synthetic-*")) / "val2017"
+    # The tiny data set's folder in the shared cache (which may hold other parameter sets' folders too).
+    images = build_datamodule(tiny.compose_train(tiny.train_overrides(synthetic_root), tmp_path)).data_root / "val2017"
     out = tmp_path / "predict"
-    result = run_script(
-        ["predict.py", f"checkpoint={cli_run / 'export'}", f"input={images}", f"output={out}", "short_side=64",
-         "max_size=96", "device=cpu", f"hydra.run.dir={tmp_path / 'hydra'}"]
+    result = tiny.run_script(
+        [
+            "predict.py",
+            f"checkpoint={cli_run / 'export'}",
+            f"input={images}",
+            f"output={out}",
+            "short_side=64",
+            "max_size=96",
+            "device=cpu",
+            f"hydra.run.dir={tmp_path / 'hydra'}",
+        ]
     )
     assert result.returncode == 0, result.stderr[-3000:]
     names = sorted(p.name for p in images.glob("*.jpg"))
@@ -148,41 +152,47 @@ def test_train_evaluate_predict_command_lines(tmp_path, data_root, cli_run):
         assert all(s["category"] in classes and s["area"] > 0 for s in record["segments"])
 
 
-def test_evaluate_refuses_a_checkpoint_with_other_classes(tmp_path, data_root, cli_run):
-    result = run_script(
-        ["evaluate.py", f"checkpoint={cli_run / 'export'}", *data_overrides(data_root, task="instance"),
-         f"hydra.run.dir={tmp_path}"]
+def test_evaluate_refuses_a_checkpoint_with_other_classes(tmp_path, tiny, synthetic_root, cli_run):
+    result = tiny.run_script(
+        [
+            "evaluate.py",
+            f"checkpoint={cli_run / 'export'}",
+            *tiny.data_overrides(synthetic_root, task="instance"),
+            f"hydra.run.dir={tmp_path}",
+        ]
     )
     assert result.returncode != 0
     assert "predicts 7 classes but the data has 4" in result.stderr
     assert "init_from" in result.stderr
 
 
-def test_init_from_reinitialises_only_the_class_head(tmp_path, data_root, cli_run):
+def test_init_from_reinitialises_only_the_class_head(tmp_path, tiny, synthetic_root, cli_run):
     """Fine-tuning the 7-class panoptic export on the 4-class instance task keeps every weight but the class head."""
-    overrides = [*train_overrides(data_root), f"init_from={cli_run / 'export'}", "data.task=instance"]
-    cfg = compose_train(overrides, tmp_path)
+    overrides = [*tiny.train_overrides(synthetic_root), f"init_from={cli_run / 'export'}", "data.task=instance"]
+    cfg = tiny.compose_train(overrides, tmp_path)
     datamodule = build_datamodule(cfg)
     assert datamodule.metadata.num_classes == 4
     module = build_module(cfg, datamodule.metadata)
     exported = load_file(cli_run / "export" / "model.safetensors")
     state = module.model.state_dict()
-    differing = sorted(k for k in state if state[k].shape != exported[k].shape or not torch.equal(state[k], exported[k]))
+    differing = sorted(
+        k for k in state if state[k].shape != exported[k].shape or not torch.equal(state[k], exported[k])
+    )
     assert differing == ["head.class_embed.bias", "head.class_embed.weight"]
     assert state["head.class_embed.weight"].shape[0] == 5  # 4 classes + no-object
 
     # The wrong architecture is refused with the key that is missing.
-    cfg = compose_train([*overrides, "head.num_layers=3"], tmp_path)
+    cfg = tiny.compose_train([*overrides, "head.num_layers=3"], tmp_path)
     with pytest.raises(ValueError, match=r"init_from=.*lacks \d+ weights .*another backbone/neck/head"):
         build_module(cfg, datamodule.metadata)
 
 
-def test_convert_command_line_writes_a_loadable_model(tmp_path):
+def test_convert_command_line_writes_a_loadable_model(tmp_path, tiny):
     from test_convert_mask2former import hf_model, resnet_config
 
     reference = hf_model(resnet_config())
     reference.save_pretrained(tmp_path / "hf")
-    result = run_script(["-m", "densepred.convert", str(tmp_path / "hf"), str(tmp_path / "converted")])
+    result = tiny.run_script(["-m", "densepred.convert", str(tmp_path / "hf"), str(tmp_path / "converted")])
     assert result.returncode == 0, result.stderr[-3000:]
     assert sorted(p.name for p in (tmp_path / "converted").iterdir()) == ["config.json", "model.safetensors"]
     module = load_module(tmp_path / "converted").eval()

@@ -83,7 +83,9 @@ def pq_compute_reference(gt_json_file: Path, pred_json_file: Path, gt_folder: Pa
             continue
         denominator = t["tp"] + 0.5 * t["fp"] + 0.5 * t["fn"]
         per_class[category_id] = {
-            "pq": t["iou"] / denominator, "sq": t["iou"] / t["tp"] if t["tp"] else 0.0, "rq": t["tp"] / denominator,
+            "pq": t["iou"] / denominator,
+            "sq": t["iou"] / t["tp"] if t["tp"] else 0.0,
+            "rq": t["tp"] / denominator,
         }
     for name, isthing in (("All", None), ("Things", True), ("Stuff", False)):
         chosen = [c for c in per_class if isthing is None or bool(categories[c]["isthing"]) == isthing]
