@@ -7,6 +7,7 @@ module's imports with `ast`, function-level imports included, so a lazy import i
 from __future__ import annotations
 
 import ast
+import os
 import shutil
 import subprocess
 import sys
@@ -159,21 +160,23 @@ def test_nothing_imports_the_entry_points():
             assert not set(names) & set(ENTRY_POINTS), f"{path} imports an entry point: {names}"
 
 
-def _shadowing_folder(folder: Path, with_model_package: bool) -> Path:
-    """A user's project folder whose generic names would shadow ours if we installed them."""
-    for name in ("data", "heads", "evaluation", "backbones", "necks", *(["model"] if with_model_package else [])):
+def _shadow(folder: Path, names: tuple[str, ...], module_file: str | None = None) -> Path:
+    """A folder of a user's project whose generic names would shadow ours if we installed them: each one
+    raises when imported."""
+    for name in names:
         (folder / name).mkdir(parents=True)
         (folder / name / "__init__.py").write_text(f"raise ImportError('the user folder {name}/ was imported')\n")
-    if not with_model_package:
-        (folder / "model.py").write_text("raise ImportError('the user file model.py was imported')\n")
+    if module_file:
+        (folder / f"{module_file}.py").write_text(f"raise ImportError('the user file {module_file}.py was imported')\n")
     return folder
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("with_model_package", [False, True], ids=["model.py", "model/"])
-def test_a_user_folder_with_generic_names_changes_nothing(tmp_path, with_model_package):
-    """The entry points' own imports, run from a folder holding data/, heads/, evaluation/, model.py or model/."""
-    folder = _shadowing_folder(tmp_path / "project", with_model_package)
+def test_a_user_folder_with_generic_names_changes_nothing(tmp_path):
+    """The entry points' own imports, run from a folder holding data/, heads/, evaluation/, ... and model.py,
+    with a model/ package on PYTHONPATH too (the notebook case: the working directory comes first)."""
+    project = _shadow(tmp_path / "project", ("data", "heads", "evaluation", "backbones", "necks"), "model")
+    extra = _shadow(tmp_path / "extra", ("model", "data"))
     imports = []
     for script in ("train", "evaluate", "predict"):
         tree = ast.parse((ROOT / f"{script}.py").read_text())
@@ -183,8 +186,14 @@ def test_a_user_folder_with_generic_names_changes_nothing(tmp_path, with_model_p
             if isinstance(node, (ast.Import, ast.ImportFrom)) and getattr(node, "module", None) != "__future__"
         ]
     code = "\n".join([*imports, "import densepred.data, densepred.heads, densepred.evaluation, densepred.engine.build"])
-    result = subprocess.run([sys.executable, "-c", code], cwd=folder, capture_output=True, text=True, timeout=300)
+    env = {**os.environ, "PYTHONPATH": str(extra)}
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=project, env=env, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stderr[-2000:]
+    # The check bites: the same folders do shadow a generic name.
+    shadowed = subprocess.run([sys.executable, "-c", "import data"], cwd=project, capture_output=True, text=True)
+    assert "the user folder data/ was imported" in shadowed.stderr
 
 
 @pytest.mark.slow
