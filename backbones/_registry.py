@@ -9,6 +9,8 @@ A leaf (timm style): it imports nothing of the package. Model modules register i
 - `register_class` / `backbone_class` / `family_class`: the classes by their `_target_` string
   (`"densepred.backbones.SwinBackbone"`, a class's `config_target`) and by their `family`. Only these
   classes are ever built from a config.json: a checkpoint never chooses arbitrary code to run.
+- `registered_targets`: the `_target_` strings of every registered class and factory, the backbone part of
+  the allowlist that a `.ckpt` or export config is checked against before loading (`densepred.engine.trust`).
 """
 
 from __future__ import annotations
@@ -65,6 +67,17 @@ def backbone_class(target: str | None, source: str) -> type:
     if target not in _CLASSES:
         raise ValueError(f"{source}: config.json names {target!r}; loadable backbone classes are {sorted(_CLASSES)}")
     return _CLASSES[target]
+
+
+def registered_targets() -> list[str]:
+    """Every `_target_` string naming a registered backbone class or factory: each class by its `config_target`
+    and by its defining module, each factory by its defining module (`densepred.backbones.resnet.resnet18`).
+    The backbone entries of the allowlist a model file is checked against (`densepred.engine.trust`)."""
+    targets = set()
+    for target, cls in _CLASSES.items():
+        targets |= {target, f"{cls.__module__}.{cls.__qualname__}"}
+    targets |= {f"{fn.__module__}.{fn.__qualname__}" for fn in _FACTORIES.values()}
+    return sorted(targets)
 
 
 def family_class(family: str) -> type:

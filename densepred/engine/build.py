@@ -8,11 +8,14 @@ from typing import Any
 from hydra.utils import instantiate
 from lightning import Callback, LightningDataModule, Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
+from densepred.engine.checkpoint_io import DurableCheckpointIO
 from densepred.engine.loading import init_from
 from densepred.engine.module import SegmentationModule
+from densepred.engine.trust import training_targets
 
 # The metric that picks the best checkpoint for each task (logged as "val/<metric>").
 MAIN_METRIC = {"panoptic": "val/PQ", "instance": "val/segm/AP", "semantic": "val/mIoU"}
@@ -60,7 +63,7 @@ def build_module(cfg: DictConfig, metadata: Any) -> SegmentationModule:
         output_dir=str(cfg.paths.output_dir),
     )
     if cfg.get("init_from"):
-        skipped = init_from(module, cfg.init_from)
+        skipped = init_from(module, cfg.init_from, trusted_targets=training_targets(cfg))
         reinitialised = f"; re-initialised {skipped} (shape differs)" if skipped else ""
         if rank_zero_only.rank == 0:
             log.info(f"init_from={cfg.init_from}: loaded the model weights{reinitialised}")
@@ -69,9 +72,21 @@ def build_module(cfg: DictConfig, metadata: Any) -> SegmentationModule:
 
 def build_trainer(cfg: DictConfig, **overrides: Any) -> Trainer:
     """The Trainer with the configured loggers and callbacks (`logger=none` turns logging off, and with it
-    the LR monitor, which needs a logger)."""
+    the LR monitor, which needs a logger), and `trainer.plugins` plus, unless they hold a CheckpointIO, the
+    `DurableCheckpointIO` (atomic checkpoint saves beside the file, weights-only allowlist-checked loads,
+    the training config's model parts trusted), whose stale temp files it clears from the checkpoint folders."""
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
     callbacks: list[Callback] = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
     if not loggers:
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
-    return instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks, **overrides)
+    plugins = list(instantiate(cfg.trainer.get("plugins") or []))
+    if not any(isinstance(p, CheckpointIO) for p in plugins):
+        plugins.append(DurableCheckpointIO(trusted_targets=training_targets(cfg)))
+    kwargs = {"logger": loggers or False, "callbacks": callbacks, "plugins": plugins, **overrides}
+    trainer = instantiate(cfg.trainer, **kwargs)
+    checkpoint_io = trainer.strategy.checkpoint_io
+    if isinstance(checkpoint_io, DurableCheckpointIO) and rank_zero_only.rank == 0:
+        for callback in trainer.checkpoint_callbacks:
+            if getattr(callback, "dirpath", None):
+                checkpoint_io.clean(callback.dirpath)
+    return trainer

@@ -4,19 +4,24 @@ Accepted: a Lightning checkpoint (`.ckpt` written by train.py), or a folder with
 `model.safetensors` (the run's `export/` folder, or `python -m densepred.convert` output; the format
 is `densepred.export_format`'s). An export's recorded input normalisation (`model.pixel_mean` /
 `pixel_std`) is passed back to the rebuilt Segmenter.
+
+Model files are data (`densepred.engine.trust`): a `.ckpt` is read with `torch.load(weights_only=True)`, and
+its `hyper_parameters` / the export's config.json may name only this project's model parts (plus the
+`trusted_targets` a trusted caller adds); both are checked in `read_checkpoint`, before anything is built.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from densepred.engine.module import SegmentationModule
-from densepred.export_format import read_export
+from densepred.engine.trust import check_model_config, load_checkpoint_file
+from densepred.export_format import EXPORT_STEP_KEY, read_export
 
 
 def without_pretrained(model_config: Mapping[str, Any]) -> dict[str, Any]:
@@ -29,35 +34,41 @@ def without_pretrained(model_config: Mapping[str, Any]) -> dict[str, Any]:
     return config
 
 
-def read_checkpoint(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """(module settings, SegmentationModule state dict) from a `.ckpt` file or an export folder."""
+def read_checkpoint(
+    path: str | Path, trusted_targets: Iterable[str] = (), source: str = "checkpoint"
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(module settings, SegmentationModule state dict) from a `.ckpt` file or an export folder (settings
+    `global_step`: the training step of the weights, None if unknown, e.g. a converted model), its settings
+    checked (`trust.check_model_config`: allowlisted `_target_`s, plus `trusted_targets`). Errors name
+    `source=path`."""
     path = Path(path).expanduser()
+    where = f"{source}={path}"
     if path.is_file():
-        try:
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as error:  # noqa: BLE001 - any unpickling failure gets the same clear message
-            reason = f"{type(error).__name__}: {error}"
-            raise ValueError(f"checkpoint={path}: not a readable Lightning checkpoint ({reason})") from None
+        checkpoint = load_checkpoint_file(path, source=where)
         if "state_dict" not in checkpoint or "hyper_parameters" not in checkpoint:
-            raise ValueError(
-                f"checkpoint={path}: has no 'state_dict' / 'hyper_parameters'; was it written by train.py?"
-            )
-        return dict(checkpoint["hyper_parameters"]), checkpoint["state_dict"]
-    if path.is_dir():
-        settings, weights = read_export(path, source=f"checkpoint={path}")
-        return settings, {f"model.{k}": v for k, v in weights.items()}
-    raise ValueError(f"checkpoint={path}: no such file or folder")
+            raise ValueError(f"{where}: has no 'state_dict' / 'hyper_parameters'; was it written by train.py?")
+        settings, state = checkpoint["hyper_parameters"], checkpoint["state_dict"]
+        settings = {**settings, EXPORT_STEP_KEY: checkpoint.get("global_step")}  # as an export records it
+    elif path.is_dir():
+        settings, weights = read_export(path, source=where)
+        state = {f"model.{k}": v for k, v in weights.items()}
+    else:
+        raise ValueError(f"{where}: no such file or folder")
+    check_model_config(settings, source=where, trusted_targets=trusted_targets)
+    return dict(settings), state
 
 
 def load_module(
     path: str | Path,
     metadata: Mapping[str, Any] | None = None,
     task: str | None = None,
+    trusted_targets: Iterable[str] = (),
     **overrides: Any,
 ) -> SegmentationModule:
     """A SegmentationModule with the checkpoint's weights, for `task` with the classes of `metadata`
-    (default: the checkpoint's own). The class count must match the checkpoint's."""
-    settings, state = read_checkpoint(path)
+    (default: the checkpoint's own). The class count must match the checkpoint's. The file may name only
+    allowlisted model parts (`densepred.engine.trust`) and the `trusted_targets` given here."""
+    settings, state = read_checkpoint(path, trusted_targets)
     saved_classes = int(settings["metadata"]["num_classes"])
     if metadata is not None and int(metadata["num_classes"]) != saved_classes:
         raise ValueError(
@@ -83,14 +94,17 @@ def load_module(
             f"checkpoint={path} does not match its configured model: missing {model_missing[:5]}, "
             f"unexpected {list(unexpected)[:5]}"
         )
+    step = settings.get(EXPORT_STEP_KEY)
+    module.checkpoint_step = int(step) if isinstance(step, int) else None  # labels evaluate.py's results
     return module
 
 
-def init_from(module: SegmentationModule, path: str | Path) -> list[str]:
+def init_from(module: SegmentationModule, path: str | Path, trusted_targets: Iterable[str] = ()) -> list[str]:
     """Fine-tuning start: copy the checkpoint's model weights into `module`, leaving out (and returning)
     the weights whose shape differs, e.g. the class head when the new data has other classes. Every
-    other weight of the new model must be present in the checkpoint."""
-    _, state = read_checkpoint(path)
+    other weight of the new model must be present in the checkpoint. Nothing the file names is built,
+    yet a file naming other than allowlisted model parts (and `trusted_targets`) is refused all the same."""
+    _, state = read_checkpoint(path, trusted_targets, source="init_from")
     own = module.state_dict()
     model_state = {k: v for k, v in state.items() if k.startswith("model.")}
     skipped = [k for k, v in model_state.items() if k in own and own[k].shape != v.shape]
