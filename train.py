@@ -20,7 +20,7 @@ def main(cfg: DictConfig) -> dict[str, float]:
     datamodule = build_datamodule(cfg)
     module = build_module(cfg, datamodule.metadata)
     trainer = build_trainer(cfg)
-    if cfg.validate_before_fit:  # the untrained model's metrics, to compare with the trained one's
+    if cfg.validate_before_fit and not cfg.ckpt_path:  # the untrained model's metrics (not on a resume)
         trainer.validate(module, datamodule=datamodule)
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
     if not cfg.test_after_fit:
