@@ -70,7 +70,8 @@ def draw_prediction(
     categories: Sequence[Mapping[str, Any]],
     score_threshold: float = 0.5,
 ) -> torch.Tensor:
-    """Overlay one image's prediction (panoptic if present, else instances, else semantic argmax)."""
+    """Overlay one image's prediction (panoptic if present, else instances, else the semantic class map:
+    `sem_seg_labels`, or the arg-max of `sem_seg` scores at the image's size)."""
     if "panoptic_seg" in prediction:
         seg = prediction["panoptic_seg"].cpu()
         infos = prediction["segments_info"]
@@ -84,7 +85,8 @@ def draw_prediction(
         keep = inst["scores"].cpu() >= score_threshold
         labels, scores = inst["labels"].cpu()[keep].tolist(), inst["scores"].cpu()[keep].tolist()
         return draw_segments(image, inst["masks"].cpu()[keep], labels, categories, scores)
-    labels = prediction["sem_seg"].argmax(0).cpu()
+    labels = prediction["sem_seg_labels"] if "sem_seg_labels" in prediction else prediction["sem_seg"].argmax(0)
+    labels = labels.cpu()
     present = labels.unique().tolist()
     return draw_segments(image, torch.stack([labels == c for c in present]), present, categories)
 

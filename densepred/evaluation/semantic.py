@@ -65,7 +65,8 @@ class SemanticEvaluator:
         contiguous_to_dataset_id: optional; dataset category ids used in the exported RLE predictions
             (contiguous ids when not given).
 
-    Predictions per image: {"sem_seg": float (K, H, W) class scores} at the original image size.
+    Predictions per image: {"sem_seg_labels": (H, W) integer class map} at the original image size (the
+    PostProcessor's), or else {"sem_seg": float (K, H, W) class scores} at that size, arg-maxed here.
     """
 
     def __init__(
@@ -96,18 +97,25 @@ class SemanticEvaluator:
         self.per_class: dict[str, dict[str, float]] = {}
 
     def process(self, image_ids: Sequence[int], predictions: Sequence[Mapping[str, Any]]) -> None:
-        """Arg-max each image's scores and count (predicted, ground-truth) pixel pairs."""
+        """Each image's class map (`sem_seg_labels`, else the arg-max of `sem_seg`): count (predicted,
+        ground-truth) pixel pairs."""
         k = self.num_classes
         for image_id, prediction in zip(image_ids, predictions, strict=True):
             image_id = int(image_id)
-            scores = prediction["sem_seg"]
-            if scores.ndim != 3 or scores.shape[0] != k:
-                raise ValueError(f"image {image_id}: sem_seg has shape {tuple(scores.shape)}, expected ({k}, H, W)")
-            pred = to_numpy(scores.argmax(0)).astype(np.int64)
+            key = "sem_seg_labels" if "sem_seg_labels" in prediction else "sem_seg"
+            if key == "sem_seg_labels":
+                pred = to_numpy(prediction[key]).astype(np.int64)
+                if pred.ndim != 2 or (pred.size and (pred.min() < 0 or pred.max() >= k)):
+                    raise ValueError(f"image {image_id}: sem_seg_labels must be (H, W) classes in [0, {k})")
+            else:
+                scores = prediction[key]
+                if scores.ndim != 3 or scores.shape[0] != k:
+                    raise ValueError(f"image {image_id}: sem_seg has shape {tuple(scores.shape)}, expected ({k}, H, W)")
+                pred = to_numpy(scores.argmax(0)).astype(np.int64)
             gt = np.asarray(self.gt_loader(image_id)).astype(np.int64)
             if gt.shape != pred.shape:
                 raise ValueError(
-                    f"image {image_id}: sem_seg is {tuple(pred.shape)} but its ground truth is "
+                    f"image {image_id}: {key} is {tuple(pred.shape)} but its ground truth is "
                     f"{tuple(gt.shape)}; predictions must be at the original image size"
                 )
             out_of_range = (gt != self.ignore_index) & ((gt < 0) | (gt >= k))
