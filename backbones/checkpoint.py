@@ -67,10 +67,22 @@ class Checkpoint:
 
 
 # ---- resolving ----------------------------------------------------------------------------------
-def _offline_hint() -> str:
+def _offline_hint(repo_id: str | None = None, revision: str | None = None) -> str:
+    """With HF_HUB_OFFLINE set: that only the cache is used, and (given the repo) the two ways out."""
     if constants.HF_HUB_OFFLINE:
-        return f" HF_HUB_OFFLINE is set: only the cache ({constants.HF_HUB_CACHE}) is used; download it once online."
+        hint = f" HF_HUB_OFFLINE is set: only the cache ({constants.HF_HUB_CACHE}) is used."
+        return hint + (f" {_missing_weights_fixes(repo_id, revision)}" if repo_id else " Download it once online.")
     return ""
+
+
+def _missing_weights_fixes(repo_id: str, revision: str | None = None) -> str:
+    """The two fixes for pretrained weights that are not in the cache: download them, or train without them."""
+    command = f"{repo_id}" + (f" --revision {revision}" if revision else "")
+    return (
+        f"Either download it once with network access and HF_HUB_OFFLINE unset: `hf download {command}` (older "
+        f"huggingface_hub: `huggingface-cli download {command}`); or train from scratch without pretrained "
+        "weights: `backbone.pretrained=null`."
+    )
 
 
 def _hub_file(repo_id: str, filename: str, revision: str | None) -> Path | None:
@@ -82,7 +94,8 @@ def _hub_file(repo_id: str, filename: str, revision: str | None) -> Path | None:
             return None  # the repo is cached, without this file
         raise ValueError(
             f"checkpoint {repo_id!r} is not a local file or folder, and Hub repo {repo_id!r} is not in the cache "
-            f"({constants.HF_HUB_CACHE}) while the Hub cannot be reached ({type(error).__name__}).{_offline_hint()}"
+            f"({constants.HF_HUB_CACHE}) while the Hub cannot be reached ({type(error).__name__})."
+            + (_offline_hint(repo_id, revision) or f" {_missing_weights_fixes(repo_id, revision)}")
         ) from error
     except EntryNotFoundError:  # the repo has no such file
         return None
@@ -94,7 +107,9 @@ def _hub_file(repo_id: str, filename: str, revision: str | None) -> Path | None:
     except RevisionNotFoundError as error:
         raise ValueError(f"Hub repo {repo_id!r} has no revision {revision!r}") from error
     except (HfHubHTTPError, OfflineModeIsEnabled, OSError) as error:
-        raise ValueError(f"cannot download {filename} of Hub repo {repo_id!r}: {error}.{_offline_hint()}") from error
+        raise ValueError(
+            f"cannot download {filename} of Hub repo {repo_id!r}: {error}.{_offline_hint(repo_id, revision)}"
+        ) from error
 
 
 def _weights_in(folder: Path) -> list[Path]:
@@ -171,7 +186,7 @@ def resolve_checkpoint(name_or_path: str | os.PathLike, revision: str | None = N
             )
     raise ValueError(
         f"Hub repo {source!r}{f' (revision {revision})' if revision else ''} has none of {WEIGHT_NAMES}"
-        f"{' and no config.json' if config_file is None else ''}.{_offline_hint()}"
+        f"{' and no config.json' if config_file is None else ''}.{_offline_hint(source, revision)}"
     )
 
 

@@ -7,8 +7,9 @@ densepred.convert`; read by `densepred.engine.loading` (evaluate.py, predict.py,
 - `config.json`: what rebuilds the model: `model` (the `_target_` dicts of `backbone`, `neck`, `head`,
   plus `pixel_mean` / `pixel_std`, the input normalisation: RGB, 0-1 units, applied to 0-255 pixels as
   `(x - 255 mean) / (255 std)`), `metadata` (classes), and the `task`, `criterion`, `postprocess`, ...
-  settings of the run. An export without `pixel_mean` / `pixel_std` (written before they were recorded)
-  normalises with its backbone's pretrained statistics.
+  settings of the run, and `global_step`, the training step of the exported weights (labels evaluate.py's
+  results; absent in converted models). An export without `pixel_mean` / `pixel_std` (written before they
+  were recorded) normalises with its backbone's pretrained statistics.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from safetensors.torch import load_file, save_file
 from densepred.utils.io import atomic_write, atomic_write_json
 
 CONFIG_FILE = "config.json"
+# config.json key of the training step the exported weights are from (absent in converted models).
+EXPORT_STEP_KEY = "global_step"
 WEIGHTS_FILE = "model.safetensors"
 NORMALIZATION_KEYS = ("pixel_mean", "pixel_std")
 

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 import torch
 from safetensors.torch import save_file
 from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation, ResNetConfig, SwinConfig
 
+from densepred.convert.cli import main as convert_main
 from densepred.convert.mask2former import convert_mask2former
+from densepred.convert.model import coco_panoptic_categories, convert_model
 from densepred.heads.mask2former import masked_attention_mask
 from densepred.segmenter import Segmenter
 
@@ -27,11 +30,11 @@ DECODER = dict(
 )
 
 
-def hf_model(backbone_config, seed: int = 0, **overrides) -> Mask2FormerForUniversalSegmentation:
+def hf_model(backbone_config, seed: int = 0, labels=None, **overrides) -> Mask2FormerForUniversalSegmentation:
     """A tiny transformers Mask2Former with every weight moved off its initial value, so that zero-initialised
     parts (deformable offsets, attention weights) and BatchNorm statistics take part in the comparison."""
     torch.manual_seed(seed)
-    labels = {0: "person", 1: "car", 2: "sky"}
+    labels = labels or {0: "person", 1: "car", 2: "sky"}
     config = Mask2FormerConfig(backbone_config=backbone_config, id2label=labels, **{**DECODER, **overrides})
     model = Mask2FormerForUniversalSegmentation(config).eval()
     with torch.no_grad():
@@ -174,3 +177,43 @@ def test_foreign_weight_is_named(tmp_path):
     save_file(weights, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(ValueError, match="decoder.extra_layer.weight"):
         convert_mask2former(str(tmp_path))
+
+
+def test_thing_stuff_split_comes_from_the_dataset_categories(tmp_path, caplog):
+    """A transformers config has no thing/stuff split: COCO panoptic's for its 133 labels, --categories else."""
+    coco = coco_panoptic_categories()
+    assert len(coco) == 133 and sum(c["isthing"] for c in coco) == 80
+    labels = {k: c["name"] for k, c in enumerate(coco)}
+    hf_model(resnet_config(), labels=labels).save_pretrained(tmp_path / "coco")
+    config, _ = convert_model(str(tmp_path / "coco"))
+    categories = config["metadata"]["categories"]
+    assert [c["isthing"] for c in categories] == [True] * 80 + [False] * 53
+    assert categories[0] == {"id": 1, "name": "person", "isthing": True, "color": [220, 20, 60]}
+    assert categories[-1] == {"id": 200, "name": "rug-merged", "isthing": False, "color": [250, 141, 255]}
+
+    # Other labels: the categories of a COCO panoptic JSON given with --categories (sorted by id).
+    hf_model(resnet_config()).save_pretrained(tmp_path / "hf")  # person, car, sky
+    panoptic = {
+        "images": [],
+        "annotations": [],
+        "categories": [
+            {"id": 7, "name": "sky", "isthing": 0, "color": [70, 130, 180]},
+            {"id": 1, "name": "person", "isthing": 1, "color": [220, 20, 60]},
+            {"id": 3, "name": "car", "isthing": 1},
+        ],
+    }
+    (tmp_path / "panoptic.json").write_text(json.dumps(panoptic))
+    args = [str(tmp_path / "hf"), str(tmp_path / "out"), "--categories", str(tmp_path / "panoptic.json")]
+    assert convert_main(args) == 0
+    saved = json.loads((tmp_path / "out" / "config.json").read_text())["metadata"]["categories"]
+    expected = [(1, "person", True), (3, "car", True), (7, "sky", False)]
+    assert [(c["id"], c["name"], c["isthing"]) for c in saved] == expected
+    panoptic["categories"].pop()
+    (tmp_path / "panoptic.json").write_text(json.dumps(panoptic))
+    assert convert_main(args) == 2  # 2 categories for 3 classes: refused
+
+    # Neither known: every class a thing, with a warning that names the fix.
+    with caplog.at_level(logging.WARNING, logger="densepred.convert.model"):
+        config, _ = convert_model(str(tmp_path / "hf"))
+    assert all(c["isthing"] for c in config["metadata"]["categories"])
+    assert any("thing/stuff split" in r.message and "--categories" in r.message for r in caplog.records)

@@ -4,6 +4,8 @@ file and id, or a skip / drop that is counted and reported once. Never a raw PIL
 import io
 import json
 import logging
+import re
+import tempfile
 
 import numpy as np
 import pytest
@@ -135,6 +137,31 @@ def test_image_size_disagreeing_with_the_json_is_an_error(tmp_path):
         CocoInstanceDataset(coco(tmp_path, [ann(1)]), tmp_path, skip_bad_images=True)[0]
 
 
+def test_wrong_image_size_is_found_from_the_headers_when_the_dataset_is_built(tmp_path):
+    write_images(tmp_path, ["a.png"])
+    write_images(tmp_path, ["b.png"], size=(16, 21))
+    pixels = np.zeros((16, 20, 3), np.uint8)  # stored 16x20, shown 20x16 (EXIF "rotate 90 CW")
+    exif = Image.fromarray(pixels).getexif()
+    exif[0x0112] = 6
+    Image.fromarray(pixels).save(tmp_path / "r.jpg", exif=exif)
+    images = [
+        {"id": 1, "file_name": "a.png", "height": 16, "width": 20},
+        {"id": 2, "file_name": "b.png", "height": 16, "width": 20},  # the file is 16x21
+        {"id": 3, "file_name": "r.jpg", "height": 20, "width": 16},  # the rotated size: right
+    ]
+    path = coco(tmp_path, [ann(1), ann(2, image_id=2)], images)
+    expected = r"ann\.json: 1 image\(s\) differ .*b\.png: image id 2 is 16x21 .* the annotation file says 16x20"
+    with pytest.raises(DataError, match=expected):  # at construction, before any image is loaded
+        CocoInstanceDataset(path, tmp_path, filter_empty=False, skip_bad_images=True)
+    images[2].update(height=16, width=20)  # the stored size, but EXIF rotates the image
+    with pytest.raises(DataError, match=r"2 image\(s\) differ .*r\.jpg: image id 3 is 20x16"):
+        CocoInstanceDataset(coco(tmp_path, [ann(1)], images), tmp_path)
+    # Turned off (e.g. slow network storage): found when the image is loaded, as before.
+    dm = DataModule(task="instance", val={"img_dir": str(tmp_path), "ann_file": str(path), "check_image_sizes": False})
+    with pytest.raises(DataError, match=r"b\.png: image id 2 is 16x21"):
+        dm.val_dataset.load_raw(1)
+
+
 # Annotations --------------------------------------------------------------------------------------------
 
 
@@ -195,6 +222,23 @@ def test_empty_dataset_after_filtering_is_an_error(tmp_path):
         DataError, match=r"ann\.json: the dataset is empty after filtering \(all 1 images have no usable"
     ):
         CocoInstanceDataset(path, tmp_path, filter_empty=True)
+
+
+def test_box_only_annotations_say_that_masks_are_missing(tmp_path):
+    write_images(tmp_path, ["a.png"])
+    box_only = [{k: v for k, v in ann(i).items() if k != "segmentation"} for i in (1, 2)]
+    box_only.append(ann(3, segmentation=[]))  # detection files also write an empty list
+    path = coco(tmp_path, box_only)
+    for filter_empty in (True, False):  # never the suggestion to train on empty targets
+        with pytest.raises(DataError) as error:
+            CocoInstanceDataset(path, tmp_path, filter_empty=filter_empty)
+        message = str(error.value)
+        assert "ann.json: 3 of 3 annotations have no 'segmentation'" in message
+        assert "segmentation tasks need masks" in message and "filter_empty" not in message
+    # Some box-only annotations among ones with masks: dropped and counted, the rest is used.
+    dataset = CocoInstanceDataset(coco(tmp_path, [*box_only, ann(4)]), tmp_path, filter_empty=True)
+    assert dict(dataset.index_issues.counts) == {"missing segmentation": 3}
+    assert dataset.load_raw(0)["annotation_ids"] == [4]
 
 
 # Panoptic PNGs ------------------------------------------------------------------------------------------
@@ -262,6 +306,26 @@ def test_config_mistakes_name_the_key(tmp_path):
         _ = DataModule(task="instance", train={"image_dir": "x"}).metadata
     with pytest.raises(DataError, match=r"data\.task='depth' is not one of"):
         _ = DataModule(task="depth", train={"img_dir": "x"}).metadata
+
+
+def test_unusable_synthetic_cache_root_names_the_folder_and_the_fix(tmp_path, monkeypatch):
+    (tmp_path / "a_file").write_text("in the way")
+    settings = {"num_train": 1, "num_val": 1, "min_size": 32, "max_size": 32}
+    for root in (tmp_path / "a_file", tmp_path / "a_file" / "below"):
+        dm = DataModule(root=str(root), synthetic=settings, train={"img_dir": "train2017"})
+        expected = rf"cache folder {re.escape(str(root))} \((FileExistsError|NotADirectoryError).*data\.root="
+        with pytest.raises(DataError, match=expected):
+            _ = dm.metadata
+
+    def unwritable(*args, **kwargs):  # what a read-only folder gives (the tests may run as root, who can write)
+        raise PermissionError(13, "Permission denied", kwargs.get("dir"))
+
+    monkeypatch.setattr(tempfile, "mkdtemp", unwritable)
+    with pytest.raises(DataError) as error:
+        _ = DataModule(root=str(tmp_path / "ro"), synthetic=settings, train={"img_dir": "train2017"}).metadata
+    message = str(error.value)
+    assert f"cache folder {tmp_path / 'ro'} (PermissionError" in message and "DENSEPRED_CACHE" in message
+    assert "data.root=" in message and "writable folder" in message
 
 
 def test_label_folder_image_without_label_is_left_out_and_counted(tmp_path):

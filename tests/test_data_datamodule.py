@@ -2,6 +2,7 @@
 
 import json
 import multiprocessing
+import shutil
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from omegaconf import OmegaConf
 from torch.utils.data import DistributedSampler
 
-from densepred.data import DataModule, ensure_synthetic
+from densepred.data import DataError, DataModule, ensure_synthetic
 from densepred.data.synthetic import generate_synthetic
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -98,6 +99,28 @@ def test_two_processes_racing_generate_one_dataset(tmp_path):
         roots = pool.map(_ensure, [tmp_path, tmp_path])
     assert roots[0] == roots[1]
     assert [p.name for p in tmp_path.iterdir() if p.is_dir()] == [Path(roots[0]).name]
+
+
+def test_evaluation_needs_no_train_split(tmp_path):
+    """evaluate.py / validate / test on a folder holding only val: the train annotations are never read."""
+    source = ensure_synthetic(tmp_path / "cache", **SMALL)
+    root = tmp_path / "val_only"
+    shutil.copytree(source / "val2017", root / "val2017")
+    shutil.copytree(source / "annotations" / "panoptic_val2017", root / "annotations" / "panoptic_val2017")
+    for name in ("panoptic_val2017.json", "instances_val2017.json"):
+        shutil.copy(source / "annotations" / name, root / "annotations" / name)
+    cfg = OmegaConf.load(ROOT / "configs/data/coco_panoptic.yaml")  # data.train set, its files absent
+    cfg.root, cfg.num_workers = str(root), 0
+    cfg.eval_transform = {"recipe": "resize", "short": 64, "max_size": 100}
+    dm = instantiate(cfg)
+    assert dm.metadata.num_classes == 7
+    for stage in ("validate", "test"):
+        dm.setup(stage)
+    assert dm.ground_truth("test").panoptic_json.endswith("panoptic_val2017.json")
+    assert sorted(i for b in dm.test_dataloader() for i in b["image_ids"]) == list(range(11, 17))
+    assert "train" not in dm.datasets
+    with pytest.raises(DataError, match=r"panoptic_train2017\.json: annotation file not found"):
+        dm.setup("fit")  # training does need it
 
 
 class FakeTrainer:

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageFile
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
@@ -227,11 +227,14 @@ def test_label_folder_dataset_ade20k_style(tmp_path):
 
 
 def test_index_is_serialized_and_nothing_is_decoded_at_start_up(coco_dir, monkeypatch):
-    calls = []
+    calls, opened = [], []
     monkeypatch.setattr(mask_utils, "decode", lambda *a: calls.append(1))
-    monkeypatch.setattr(Image, "open", lambda *a, **k: calls.append(1))
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda *a: calls.append(1))
+    original_open = Image.open
+    monkeypatch.setattr(Image, "open", lambda *a, **k: opened.append(1) or original_open(*a, **k))
     dataset = instances(coco_dir)
     assert calls == [] and isinstance(dataset._records, SerializedList)
+    assert len(opened) == len(dataset) == 12  # each image's header only, for the size check
     items = [{"a": k, "b": [k] * k} for k in range(5)]
     stored = SerializedList(items)
     assert [stored[k] for k in range(5)] == items and stored[-1] == items[-1] and len(stored) == 5

@@ -132,6 +132,27 @@ def test_hand_counted_example(hand_example):
     assert "Things" in evaluator.table() and "| All" in evaluator.table()
 
 
+def test_non_integer_ground_truth_area_is_used_as_written(tmp_path, hand_example, categories, c2d, pq_reference):
+    """panopticapi takes the JSON's "area" as is: 24.6 is not truncated to 24 (nor rounded to 25)."""
+    _, pred, segments_info = hand_example
+    gt_json = json.loads((tmp_path / "gt.json").read_text())
+    gt_json["annotations"][0]["segments_info"][1]["area"] = 24.6  # the person (25 pixels in the PNG)
+    (tmp_path / "gt.json").write_text(json.dumps(gt_json))
+    evaluator = PanopticEvaluator(PanopticGroundTruth(tmp_path / "gt.json", tmp_path / "gt"), categories, c2d)
+    evaluator.process([1], [{"panoptic_seg": torch.from_numpy(pred), "segments_info": segments_info}])
+    evaluator.evaluate()
+    # person: |G n P| = 20, |P| = 20 -> IoU = 20 / (20 + 24.6 - 20) (truncated: 20 / 24)
+    assert evaluator.per_class["person"]["SQ"] == pytest.approx(100 * 20 / 24.6, abs=1e-10)
+    evaluator.write(tmp_path / "out")
+    reference = pq_reference(
+        tmp_path / "gt.json",
+        tmp_path / "out" / "panoptic_predictions.json",
+        tmp_path / "gt",
+        tmp_path / "out" / "panoptic_predictions",
+    )
+    assert_matches_reference(evaluator, reference, categories)
+
+
 def test_crowd_region_ignores_predictions_of_its_category_only(tmp_path, hand_example, categories, c2d):
     evaluator, pred, segments_info = hand_example
     gt_json = json.loads((tmp_path / "gt.json").read_text())

@@ -212,8 +212,9 @@ def test_the_wheel_installs_only_densepred(tmp_path):
         (top_level,) = [n for n in names if n.endswith(".dist-info/top_level.txt")]
         assert archive.read(top_level).decode().split() == ["densepred"]
     assert {n.split("/")[0] for n in names} == {"densepred", wheel.name.split("-py")[0] + ".dist-info"}
-    # The design-card folders and the configs are inside the one package.
-    for member in ("backbones/base.py", "necks/fpn.py", "heads/criterion.py", "configs/criterion/mask2former.yaml"):
+    # The design-card folders, the configs and the converter's COCO panoptic categories are inside the one package.
+    members = ("backbones/base.py", "necks/fpn.py", "heads/criterion.py", "configs/criterion/mask2former.yaml")
+    for member in (*members, "convert/coco_panoptic_categories.json"):
         assert f"densepred/{member}" in names
 
 

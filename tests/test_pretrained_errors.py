@@ -10,7 +10,7 @@ import pytest
 import torch
 import transformers
 from safetensors.torch import save_file
-from test_pretrained import hf_model, one_thread  # noqa: F401  (fixture)
+from test_pretrained import hf_model, hub_cache, one_thread  # noqa: F401  (fixtures)
 
 from densepred.backbones import AutoBackbone, SwinBackbone, TimmBackbone
 from densepred.backbones.hf_conversion import native_backbone_from_hf_config
@@ -69,6 +69,19 @@ def test_missing_files(tmp_path):
         AutoBackbone.from_pretrained(tmp_path / "empty")
     with pytest.raises(FileNotFoundError, match="timm weights 'nowhere.pth' not found"):
         TimmBackbone("convnext_atto", pretrained="nowhere.pth")
+
+
+@pytest.mark.usefixtures("hub_cache")  # an empty cache, offline
+def test_weights_missing_offline_name_both_fixes():
+    """Offline and not in the cache: the error says how to get the weights and how to train without them."""
+    for source, revision in (("someone/not-downloaded", None), ("someone/pinned", "v2")):
+        with pytest.raises(ValueError) as error:
+            AutoBackbone.from_pretrained(source, revision=revision)
+        message = str(error.value)
+        command = source + (f" --revision {revision}" if revision else "")
+        assert f"Hub repo {source!r} is not in the cache" in message and "HF_HUB_OFFLINE is set" in message
+        assert f"`hf download {command}`" in message and f"`huggingface-cli download {command}`" in message
+        assert "HF_HUB_OFFLINE unset" in message and "`backbone.pretrained=null`" in message
 
 
 def test_corrupt_safetensors_file(tmp_path, swin_folder):

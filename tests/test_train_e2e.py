@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import shutil
 from pathlib import Path
 
 import lightning
@@ -117,7 +118,7 @@ def test_train_evaluate_predict_command_lines(tmp_path, tiny, synthetic_root, cl
         ]
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    evaluated = tiny.read_metrics(next((out / "eval_test").glob("metrics_step*.json")))
+    evaluated = tiny.read_metrics(out / "eval_test" / "metrics_step0000002.json")  # the checkpoint's step
     assert evaluated == trained
     assert "PQ" in result.stdout and "mIoU" in result.stdout
 
@@ -140,16 +141,45 @@ def test_train_evaluate_predict_command_lines(tmp_path, tiny, synthetic_root, cl
     assert result.returncode == 0, result.stderr[-3000:]
     names = sorted(p.name for p in images.glob("*.jpg"))
     assert len(names) == 4
-    assert sorted(p.name for p in out.glob("*.png")) == sorted(n.replace(".jpg", ".png") for n in names)
+    assert sorted(p.name for p in out.glob("*.png")) == [f"{n}.png" for n in names]  # x.jpg -> x.jpg.png
     for name in names:
         width, height = Image.open(images / name).size
-        assert tuple(read_image(str(out / name.replace(".jpg", ".png"))).shape) == (3, height, width)
+        assert tuple(read_image(str(out / f"{name}.png")).shape) == (3, height, width)
     predictions = json.loads((out / "predictions.json").read_text())
-    assert sorted(predictions) == names
+    assert sorted(predictions) == [*names, "skipped"] and predictions.pop("skipped") == {}
     classes = {"circle", "square", "triangle", "diamond", "sky", "ground", "water"}
     for record in predictions.values():
         assert set(record) == {"segments", "instances"}
         assert all(s["category"] in classes and s["area"] > 0 for s in record["segments"])
+
+
+def test_evaluate_labels_the_checkpoint_step_and_needs_no_train_split(tmp_path, tiny, synthetic_root, cli_run):
+    """evaluate.py on the export (trained 2 steps) with data.root a folder holding only the val split."""
+    assert json.loads((cli_run / "export" / "config.json").read_text())["global_step"] == 2
+    source = build_datamodule(tiny.compose_train(tiny.train_overrides(synthetic_root), tmp_path)).data_root
+    root = tmp_path / "val_only"
+    shutil.copytree(source / "val2017", root / "val2017")
+    shutil.copytree(source / "annotations", root / "annotations", ignore=shutil.ignore_patterns("*train*"))
+    out = tmp_path / "evaluate"
+    result = tiny.run_script(
+        [
+            "evaluate.py",
+            f"checkpoint={cli_run / 'export'}",
+            f"data.root={root}",
+            "data.synthetic=null",
+            "data.num_workers=0",
+            "data.eval_transform.short=64",
+            "data.eval_transform.max_size=96",
+            "trainer.accelerator=cpu",
+            f"hydra.run.dir={out}",
+        ]
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [p.name for p in (out / "eval_test").glob("metrics_step*.json")] == ["metrics_step0000002.json"]
+    assert "test metrics at step 2" in result.stdout + result.stderr
+    assert tiny.read_metrics(out / "eval_test" / "metrics_step0000002.json") == tiny.read_metrics(
+        cli_run / "eval_test" / "metrics_step0000002.json"
+    )
 
 
 def test_evaluate_refuses_a_checkpoint_with_other_classes(tmp_path, tiny, synthetic_root, cli_run):

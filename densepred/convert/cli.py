@@ -8,6 +8,7 @@ with --architecture, ...), which becomes a backbone folder. DST receives `config
 `AutoBackbone.from_pretrained(DST)` a backbone (no layout conversion, no network).
 
     python -m densepred.convert facebook/mask2former-swin-tiny-coco-panoptic converted/m2f-swin-t
+    python -m densepred.convert my-org/mask2former-my-data converted/mine --categories panoptic_train.json
     python -m densepred.convert microsoft/swin-tiny-patch4-window7-224 weights/swin_tiny [--out-indices 1 2 3 4]
 """
 
@@ -20,7 +21,7 @@ from pathlib import Path
 
 from densepred.backbones import AutoBackbone
 from densepred.backbones.checkpoint import is_hub_id, resolve_checkpoint
-from densepred.convert.model import CONVERTERS, convert_model, save_model
+from densepred.convert.model import CONVERTERS, convert_model, read_categories_file, save_model
 
 
 def _model_type(src: str, revision: str | None) -> str | None:
@@ -36,9 +37,14 @@ def _convert(args: argparse.Namespace) -> str:
     if model_type in CONVERTERS:
         if args.out_indices is not None:
             raise ValueError(f"{args.src} is a whole {model_type} model: --out-indices selects stages of a backbone")
-        config, state_dict = convert_model(args.src, args.revision, model_type)
+        categories = read_categories_file(args.categories) if args.categories else None
+        config, state_dict = convert_model(args.src, args.revision, model_type, categories)
         folder = save_model(config, state_dict, args.dst)
-        return f"converted {args.src} ({model_type}, {config['metadata']['num_classes']} classes) -> {folder}"
+        things = sum(bool(c["isthing"]) for c in config["metadata"]["categories"])
+        classes = f"{config['metadata']['num_classes']} classes: {things} things"
+        return f"converted {args.src} ({model_type}, {classes}) -> {folder}"
+    if args.categories:
+        raise ValueError(f"{args.src} is a backbone: --categories sets the classes of a whole MaskFormer model")
     extra = {"architecture": args.architecture} if args.architecture else {}
     backbone = AutoBackbone.from_pretrained(args.src, out_indices=args.out_indices, revision=args.revision, **extra)
     folder = backbone.save_pretrained(args.dst)
@@ -55,6 +61,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--architecture", default=None, help="backbone of a bare weights file (no config.json)")
     parser.add_argument(
         "--out-indices", type=int, nargs="+", default=None, help="backbone stages to select (default: SRC's)"
+    )
+    parser.add_argument(
+        "--categories",
+        default=None,
+        help="a COCO panoptic JSON (or a JSON list of its categories: id, name, isthing, color) of the model's "
+        "training data: which classes are things and which stuff (default: COCO panoptic's for its 133 labels)",
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")

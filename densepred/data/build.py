@@ -15,7 +15,7 @@ from .metadata import DatasetMetadata
 from .semantic import SemanticFolderDataset
 
 PATH_KEYS = ("img_dir", "ann_file", "panoptic_json", "panoptic_root", "sem_seg_dir")
-OPTION_KEYS = ("filter_empty", "skip_bad_images", "ignore_value", "reduce_zero_label")
+OPTION_KEYS = ("filter_empty", "skip_bad_images", "ignore_value", "reduce_zero_label", "check_image_sizes")
 
 
 def resolve_split(split: str, settings: Mapping[str, Any] | None, root: Path) -> dict[str, Any]:
@@ -100,6 +100,7 @@ def build_dataset(
             skip,
             panoptic_json=settings.get("panoptic_json"),
             panoptic_root=settings.get("panoptic_root"),
+            check_sizes=settings.get("check_image_sizes", True),
         )
     return CocoPanopticDataset(
         settings["panoptic_json"],
@@ -110,4 +111,5 @@ def build_dataset(
         filter_empty,
         skip,
         ann_file=settings.get("ann_file"),
+        check_sizes=settings.get("check_image_sizes", True),
     )

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from .errors import DataError
+from .image_io import image_size_mismatch
 
 
 def load_json(path: str | Path, required: tuple[str, ...] = ("images", "annotations", "categories")) -> dict[str, Any]:
@@ -51,6 +52,29 @@ def index_images(data: Mapping[str, Any], path: str | Path) -> dict[int, dict[st
             raise DataError(f"{path}: image id {image_id} appears twice in 'images'; ids must be unique")
         images[image_id] = image
     return images
+
+
+def check_image_sizes(records: Sequence[Mapping[str, Any]], img_dir: str | Path, path: str | Path) -> None:
+    """Compare each record's JSON height/width with its image file's header (`image_size_mismatch`), so that a
+    wrong size is an error when the dataset is built, not when the image is first loaded mid-training. Cost:
+    one header read per image, ~0.1 ms on a local disk (COCO train2017, 118k images: ~10 s; val2017: ~0.5 s);
+    on slow network storage set the split's `check_image_sizes=false` (the load-time check stays)."""
+    img_dir = Path(img_dir)
+    wrong = []
+    for record in records:
+        expected = (record["height"], record["width"])
+        size = image_size_mismatch(img_dir / record["file_name"], expected)
+        if size is not None:
+            wrong.append(
+                f"{img_dir / record['file_name']}: image id {record['image_id']} is {size[0]}x{size[1]} (HxW, after "
+                f"EXIF orientation) but the annotation file says {expected[0]}x{expected[1]}"
+            )
+    if wrong:
+        shown = "; ".join(wrong[:5]) + (f"; ... ({len(wrong) - 5} more)" if len(wrong) > 5 else "")
+        raise DataError(
+            f"{path}: {len(wrong)} image(s) differ in size from their 'height'/'width' entry, so the annotations do "
+            f"not fit them: {shown}. Fix the entries' height/width or replace the files"
+        )
 
 
 def read_categories(path: str | Path) -> list[dict[str, Any]]:

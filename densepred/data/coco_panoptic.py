@@ -16,7 +16,7 @@ import numpy as np
 
 from .base import SegmentationDataset
 from .coco_instance import filter_records
-from .coco_json import index_images, load_json
+from .coco_json import check_image_sizes, index_images, load_json
 from .errors import DataError
 from .image_io import read_image, read_panoptic_png
 from .metadata import DatasetMetadata, GroundTruth
@@ -105,7 +105,8 @@ class CocoPanopticDataset(SegmentationDataset):
 
     An image without an annotation entry has no segments (kept for evaluation, filtered from training by
     `filter_empty`). While decoding a PNG: an id absent from the JSON is void, a JSON segment absent from
-    the PNG gets an empty mask (dropped); both are counted as issues.
+    the PNG gets an empty mask (dropped); both are counted as issues. With `check_sizes` each image file's
+    header is compared with its JSON height/width at start-up (`coco_json.check_image_sizes`).
     """
 
     def __init__(
@@ -118,6 +119,7 @@ class CocoPanopticDataset(SegmentationDataset):
         filter_empty: bool = False,
         skip_bad_images: bool = False,
         ann_file: str | None = None,
+        check_sizes: bool = True,
     ) -> None:
         super().__init__(task, transform, skip_bad_images)
         self.img_dir, self.png_dir = Path(img_dir), Path(panoptic_root)
@@ -133,6 +135,8 @@ class CocoPanopticDataset(SegmentationDataset):
             usable = [s for s in record["segments"] if not s[2] and (task != "instance" or isthing[s[1]])]
             record["num_segments"] = len(usable)
         records = filter_records(records, str(panoptic_json), filter_empty, "non-crowd segments")
+        if check_sizes:
+            check_image_sizes(records, self.img_dir, panoptic_json)
         self.index_issues = IssueReport()
         self.index_issues.extend(issues)
         self.index_issues.log(f"{panoptic_json}: dropped at start-up")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from .collate import Collate
 from .errors import DataError
 from .metadata import DatasetMetadata, GroundTruth
 from .reporting import IssueReport
+from .sampler import ResumableDataLoader, ResumableSampler, SeededDataset, WorkerInit
 from .synthetic import ensure_synthetic
 from .transforms import build_transform, recipe_fixed_size
 
@@ -31,9 +33,15 @@ class DataModule(LightningDataModule):
     Transforms are {"recipe": "lsj" | "ade" | "resize", **sizes}.
 
     `metadata` works right after construction (it reads only the categories); `ground_truth(split)` declares
-    what the evaluation of a split reads (the evaluators are built from it). Under DDP, training uses
-    Lightning's DistributedSampler; validation and test use a non-padding sampler, so every image is seen
-    exactly once over all ranks (ranks may differ by one batch).
+    what the evaluation of a split reads (the evaluators are built from it).
+
+    Training draws from a `ResumableSampler` (densepred/data/sampler.py): the order of epoch e is
+    DistributedSampler's for seed `seed` + e (each rank its shard under DDP), every sample is loaded under
+    generators seeded from (seed, epoch, index), and `state_dict()` (saved in every checkpoint) records the
+    samples the training loop consumed, so a run resumed from any checkpoint draws exactly the batches and
+    augmentations of the uninterrupted run. `seed` None: the seed of `lightning.seed_everything`
+    (PL_GLOBAL_SEED), else 0. Validation and test use a non-padding sampler under DDP, so every image is seen
+    exactly once over all ranks (ranks may differ by one batch). No loader draws from the global generators.
     """
 
     def __init__(
@@ -53,6 +61,7 @@ class DataModule(LightningDataModule):
         pin_memory: bool = True,
         persistent_workers: bool = True,
         size_divisibility: int = 32,
+        seed: int | None = None,
     ) -> None:
         super().__init__()
         self.task = task
@@ -69,6 +78,9 @@ class DataModule(LightningDataModule):
         self._data_root: Path | None = None
         self._metadata: DatasetMetadata | None = None
         self._report_epoch: int | None = None
+        self.seed = seed
+        self.train_sampler: ResumableSampler | None = None
+        self._resume_state: dict[str, int] | None = None
 
     @property
     def data_root(self) -> Path:
@@ -83,19 +95,17 @@ class DataModule(LightningDataModule):
 
     @property
     def metadata(self) -> DatasetMetadata:
-        """Classes of the training split (else val), checked against val's; no index is built."""
+        """Classes of the evaluation split (val, else test, else train); no index is built, and no other split
+        is read, so evaluation needs no train annotations. Every split's dataset is checked against these
+        classes when it is built (training's at `setup("fit")`, before the first step)."""
         if self._metadata is None:
-            source = "train" if self.splits["train"] else "val"
-            metadata = read_metadata(self.task, source, self._settings(source), self.class_names)
-            if self.splits["val"]:
-                val = read_metadata(self.task, "val", self._settings("val"), self.class_names)
-                if not metadata.same_classes(val):
-                    raise DataError(
-                        "data.train and data.val have different categories; both must list the same classes"
-                    )
-                metadata = val
-            self._metadata = metadata
+            source = self._metadata_split
+            self._metadata = read_metadata(self.task, source, self._settings(source), self.class_names)
         return self._metadata
+
+    @property
+    def _metadata_split(self) -> str:
+        return next((split for split in ("val", "test", "train") if self.splits[split]), "train")
 
     def _dataset(self, split: str) -> SegmentationDataset:
         if split not in self.datasets:
@@ -105,7 +115,7 @@ class DataModule(LightningDataModule):
             dataset = build_dataset(self.task, split, self._settings(split), transform, train, self.class_names)
             if not dataset.metadata.same_classes(self.metadata):
                 raise DataError(
-                    f"data.{split}: its categories differ from the training split's;"
+                    f"data.{split}: its categories differ from data.{self._metadata_split}'s;"
                     f" all splits must list the same classes"
                 )
             self.datasets[split] = dataset
@@ -134,23 +144,37 @@ class DataModule(LightningDataModule):
     def test_dataset(self) -> SegmentationDataset:
         return self._dataset("test")
 
+    @property
+    def data_seed(self) -> int:
+        """The seed of the training order and of the per-sample augmentation seeds."""
+        return int(self.seed) if self.seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
+
     def _loader(self, dataset: SegmentationDataset, train: bool) -> DataLoader:
         fixed_size = recipe_fixed_size(**self.train_transform) if train else None
-        sampler = None
         trainer = self.trainer
-        if not train and trainer is not None and trainer.world_size > 1:
-            sampler = UnrepeatedDistributedSampler(
-                dataset, num_replicas=trainer.world_size, rank=trainer.global_rank, shuffle=False
-            )
-        return DataLoader(
-            dataset,
+        world_size, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        sampler, worker_init_fn, source = None, None, dataset
+        if train:
+            current_epoch = (lambda: trainer.current_epoch) if trainer is not None else None
+            sampler = ResumableSampler(dataset, world_size, rank, self.data_seed, current_epoch=current_epoch)
+            sampler.set_epoch(0)  # a loader rebuilt in a later epoch (reload_dataloaders_every_n_epochs) starts there
+            if self._resume_state is not None:  # set before the first `iter()`, which Lightning calls early
+                sampler.load_state_dict(self._resume_state)
+                self._resume_state = None
+            self.train_sampler, worker_init_fn, source = sampler, WorkerInit(sampler), SeededDataset(dataset)
+        elif world_size > 1:
+            sampler = UnrepeatedDistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=False)
+        return (ResumableDataLoader if train else DataLoader)(
+            source,
             batch_size=self.batch_size if train else self.eval_batch_size,
-            shuffle=train,
             sampler=sampler,
             num_workers=self.num_workers,
             collate_fn=Collate(self.size_divisibility, fixed_size, self.metadata.ignore_index),
             pin_memory=self.pin_memory and torch.cuda.is_available(),
             persistent_workers=self.persistent_workers and self.num_workers > 0,
+            worker_init_fn=worker_init_fn,
+            # Workers' base seeds come from here, not from the global generator the model draws from.
+            generator=torch.Generator().manual_seed(self.data_seed),
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -161,6 +185,35 @@ class DataModule(LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader(self.test_dataset, train=False)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Saved in every checkpoint: where the training order stands, counted from the fit loop's progress
+        (the batches the training loop processed in the current epoch), not from what the DataLoader's
+        workers pulled ahead. A checkpoint at the end of an epoch records the start of the next one."""
+        sampler, trainer = self.train_sampler, self.trainer
+        if sampler is None or trainer is None:
+            return {}
+        fit_loop = trainer.fit_loop
+        # `batch_progress.current` counts the batches of the epoch whose batches began last: of the current
+        # epoch once `started` passed it (it is reset then), else (hooks before the epoch's first batch) of the
+        # previous epoch, which leaves nothing of the current one consumed.
+        epoch = trainer.current_epoch
+        started = fit_loop.epoch_progress.current.started > epoch
+        batches = fit_loop.epoch_loop.batch_progress.current.processed if started else 0
+        if batches >= trainer.num_training_batches:  # the epoch is over (also with limit_train_batches)
+            epoch, batches = epoch + 1, 0
+        consumed = min(batches * self.batch_size, sampler.num_samples)
+        return {"train_sampler": sampler.state_dict(consumed=consumed, epoch=epoch)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Resume the training order (when fitting: not for `trainer.test(ckpt_path=...)`), applied to the
+        train sampler when the train loader is built; Lightning calls this before."""
+        if self.trainer is not None and self.trainer.state.fn != "fit":
+            return
+        self._resume_state = state_dict.get("train_sampler")
+        if self._resume_state is not None and self.train_sampler is not None:
+            self.train_sampler.load_state_dict(self._resume_state)
+            self._resume_state = None
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Take the batch's data issues out, count them, and report the previous epoch's once it is over."""

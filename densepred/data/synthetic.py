@@ -11,6 +11,7 @@ appear at once (written in a temporary folder, renamed when complete), which no 
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -24,6 +25,7 @@ from filelock import FileLock
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+from .errors import DataError
 from .image_io import id2rgb
 
 GENERATOR_VERSION = 1
@@ -250,6 +252,8 @@ def ensure_synthetic(cache_dir: str | Path, **params: Any) -> Path:
 
     Written into a temporary folder next to the final one and renamed when complete, under a file lock,
     so concurrent processes (DDP ranks, parallel runs) generate it once and never read a partial dataset.
+    A `cache_dir` that cannot hold it (a file, not writable, a file in the way) is a DataError naming the
+    folder, `data.root` / `DENSEPRED_CACHE` and the fix. A generated dataset is only read (a read-only cache works).
     """
     cache_dir = Path(cache_dir).expanduser()
     key = hashlib.sha1(json.dumps({"version": GENERATOR_VERSION, **params}, sort_keys=True).encode()).hexdigest()[:10]
@@ -257,18 +261,28 @@ def ensure_synthetic(cache_dir: str | Path, **params: Any) -> Path:
     done = final / "manifest.json"
     if done.is_file():
         return final
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(cache_dir / f".synthetic-{key}.lock")):
-        if done.is_file():
-            return final
-        tmp = Path(tempfile.mkdtemp(prefix=f".synthetic-{key}-", dir=cache_dir))
-        try:
-            generate_synthetic(tmp, **params)
-            (tmp / "manifest.json").write_text(json.dumps({"version": GENERATOR_VERSION, "params": params}))
-            if final.exists():  # a folder left by an interrupted older layout: replace it
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        if final.exists() and not final.is_dir():
+            raise FileExistsError(errno.EEXIST, "a file is in the way of the dataset folder", str(final))
+        with FileLock(str(cache_dir / f".synthetic-{key}.lock")):
+            if done.is_file():
+                return final
+            tmp = Path(tempfile.mkdtemp(prefix=f".synthetic-{key}-", dir=cache_dir))
+            try:
+                generate_synthetic(tmp, **params)
+                (tmp / "manifest.json").write_text(json.dumps({"version": GENERATOR_VERSION, "params": params}))
+                if final.exists():  # a folder left by an interrupted older layout: replace it
+                    shutil.rmtree(final)
+                os.replace(tmp, final)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+    except OSError as error:  # not a folder, not writable, a file in the way, disk full
+        raise DataError(
+            f"synthetic data: cannot generate the dataset in the cache folder {cache_dir} ({type(error).__name__}: "
+            f"{error}). Point data.root at a writable folder (the synthetic config's default is the DENSEPRED_CACHE "
+            "environment variable, else ~/.cache/densepred): e.g. `DENSEPRED_CACHE=/tmp/densepred python train.py` "
+            "or `python train.py data.root=/tmp/densepred`, or remove the file in the way"
+        ) from error
     return final

@@ -13,7 +13,7 @@ from lightning import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 
-from densepred.export_format import write_export
+from densepred.export_format import EXPORT_STEP_KEY, write_export
 from densepred.visualization import draw_prediction, draw_target, save_png
 
 log = logging.getLogger(__name__)
@@ -21,7 +21,8 @@ log = logging.getLogger(__name__)
 
 class SafetensorsExport(Callback):
     """At the end of fit, export the best checkpoint's weights (or the last ones) to `<dirpath>/`, with the
-    model's input normalisation recorded in its config.json (`densepred.export_format`)."""
+    model's input normalisation and the weights' training step recorded in its config.json
+    (`densepred.export_format`)."""
 
     def __init__(self, dirpath: str) -> None:
         self.dirpath = dirpath
@@ -30,11 +31,13 @@ class SafetensorsExport(Callback):
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         best = getattr(trainer.checkpoint_callback, "best_model_path", "")
         if best and Path(best).is_file():
-            checkpoint = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
-            state = {k[len("model.") :]: v for k, v in checkpoint.items() if k.startswith("model.")}
+            checkpoint = torch.load(best, map_location="cpu", weights_only=True)
+            state = {k[len("model.") :]: v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
+            step = checkpoint.get("global_step", trainer.global_step)
         else:
-            state = pl_module.model.state_dict()
+            state, step = pl_module.model.state_dict(), trainer.global_step
         config = {k: v for k, v in dict(pl_module.hparams).items() if k != "output_dir"}
+        config[EXPORT_STEP_KEY] = int(step)
         weights = write_export(self.dirpath, config, state, normalization=pl_module.model.normalization)
         log.info(f"Exported weights to {weights}")
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import logging
+import os
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import torch
@@ -16,6 +18,7 @@ from lightning import LightningModule
 from densepred.data.base import TASKS
 from densepred.engine.optim import build_adamw
 from densepred.engine.schedules import build_scheduler
+from densepred.engine.trust import check_model_config, load_checkpoint_file
 from densepred.evaluation.build import EVALUATIONS, build_evaluators
 from densepred.segmenter import Segmenter
 from densepred.utils.io import atomic_write_json
@@ -27,7 +30,9 @@ class SegmentationModule(LightningModule):
     """Backbone + neck + head trained with a set criterion, evaluated with COCO / panoptic / mIoU metrics.
 
     Every argument is a plain dict (Hydra config converted to containers) and is stored in the checkpoint,
-    so `SegmentationModule.load_from_checkpoint(path)` rebuilds the model with no config at hand.
+    so `SegmentationModule.load_from_checkpoint(path)` rebuilds the model with no config at hand (the file
+    read with `torch.load(weights_only=True)`, its hyper-parameters checked by `densepred.engine.trust`).
+    The constructor itself trusts its arguments: they come from the user's own config.
     """
 
     def __init__(
@@ -61,7 +66,38 @@ class SegmentationModule(LightningModule):
         self.output_dir = output_dir
         self.evaluators: dict[str, Any] = {}
         self.last_results: dict[str, float] = {}
+        # The training step of loaded weights (`engine.loading.load_module`: a .ckpt's global_step, an export's
+        # recorded one); outside fit it labels the results, since a fresh Trainer's global_step is 0.
+        self.checkpoint_step: int | None = None
         self._resumed_rng_states: dict[str, Any] | None = None
+
+    @classmethod
+    def load_from_checkpoint(  # type: ignore[override]
+        cls,
+        checkpoint_path: str | os.PathLike | IO[bytes],
+        map_location: Any = None,
+        hparams_file: str | os.PathLike | None = None,
+        strict: bool | None = None,
+        weights_only: bool | None = None,
+        *,
+        trusted_targets: Iterable[str] = (),
+        **kwargs: Any,
+    ) -> SegmentationModule:
+        """Lightning's loader under this project's trust rules: the file is read once with
+        `torch.load(weights_only=True)` (whatever `weights_only` says), and its hyper-parameters may name only
+        allowlisted model parts and `trusted_targets` (`densepred.engine.trust.check_model_config`), checked
+        before anything is built. `hparams_file` and `kwargs` come from the caller and are trusted."""
+        if isinstance(checkpoint_path, (str, os.PathLike)):
+            source = f"checkpoint={checkpoint_path}"
+            data = Path(checkpoint_path).expanduser().read_bytes()
+        else:
+            source, data = "checkpoint", checkpoint_path.read()
+        checkpoint = load_checkpoint_file(io.BytesIO(data), source=source)
+        check_model_config(checkpoint.get("hyper_parameters", {}), source=source, trusted_targets=trusted_targets)
+        del checkpoint
+        return super().load_from_checkpoint(
+            io.BytesIO(data), map_location, hparams_file, strict, weights_only=True, **kwargs
+        )
 
     # ------------------------------------------------------------------ model
     def _build_postprocessor(self, config: dict) -> torch.nn.Module:
@@ -87,7 +123,10 @@ class SegmentationModule(LightningModule):
 
     @torch.no_grad()
     def predict(self, batch: Mapping[str, Any]) -> list[dict[str, Any]]:
-        """Post-processed predictions at each image's original size (see docs/architecture.md)."""
+        """Post-processed predictions at each image's original size (see docs/architecture.md). An empty
+        batch (predict.py's, when every image of it was unreadable and skipped) predicts nothing."""
+        if batch["images"].shape[0] == 0:
+            return []
         return self.postprocess(self._outputs(batch), batch["image_sizes"], batch["orig_sizes"])
 
     def predict_step(self, batch: Mapping[str, Any], batch_idx: int, dataloader_idx: int = 0) -> list[dict[str, Any]]:
@@ -107,12 +146,23 @@ class SegmentationModule(LightningModule):
 
     # ------------------------------------------------------------- resuming
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Keep the random state (data order, augmentations, point sampling, dropout) for an exact resume."""
-        checkpoint["rng_states"] = rng_states()
+        """Keep the global random state (point sampling, dropout) for an exact resume, every rank's under DDP
+        (Lightning calls this on all ranks and writes rank 0's dict). The data order and the augmentations do
+        not draw from it: the DataModule's state (its sampler's position) resumes them."""
+        states = rng_states()
+        checkpoint["rng_states"] = states
+        if self._trainer is not None and self.trainer.world_size > 1 and torch.distributed.is_initialized():
+            gathered: list[Any] = [None] * self.trainer.world_size
+            torch.distributed.all_gather_object(gathered, states)
+            checkpoint["rng_states_per_rank"] = gathered
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self._trainer is not None and self.trainer.state.fn == "fit":
-            self._resumed_rng_states = checkpoint.get("rng_states")
+            per_rank = checkpoint.get("rng_states_per_rank") or []
+            if len(per_rank) == self.trainer.world_size:  # this rank's streams (else rank 0's, or the one's)
+                self._resumed_rng_states = per_rank[self.trainer.global_rank]
+            else:
+                self._resumed_rng_states = checkpoint.get("rng_states")
 
     def on_train_start(self) -> None:
         """A resumed run continues the random streams where the checkpoint left them: set here, after every
@@ -147,21 +197,33 @@ class SegmentationModule(LightningModule):
         results: dict[str, float] = {}
         for evaluator in evaluators.values():
             results.update(evaluator.evaluate())  # a collective: every rank gets the same numbers
-        self.log_dict({f"{split}/{k}": float(v) for k, v in results.items()}, sync_dist=False, rank_zero_only=False)
+        # Every rank holds the same gathered numbers: sync_dist=True marks them as synced (no "use sync_dist=True"
+        # warning per metric under DDP) and rank_zero_only=True makes Lightning's reduction a no-op (lightning 2.6
+        # `_Sync`: reduce only if sync_dist and not rank_zero_only); logged on every rank, so all can monitor them.
+        logged = {f"{split}/{k}": float(v) for k, v in results.items()}
+        self.log_dict(logged, sync_dist=True, rank_zero_only=True)
+        step = self.evaluated_step
         folder = self._eval_folder(split)
         if write_files and folder is not None:
             for evaluator in evaluators.values():
                 evaluator.write(folder)
         if self.trainer.is_global_zero:
             tables = "\n".join(evaluator.table() for evaluator in evaluators.values())
-            log.info(f"{split} metrics at step {self.global_step}:\n{tables}")
+            log.info(f"{split} metrics at step {step}:\n{tables}")
             if folder is not None:
                 metrics = {k: float(v) for k, v in results.items()}  # NaN is written as null
-                atomic_write_json(folder / f"metrics_step{self.global_step:07d}.json", metrics)
+                atomic_write_json(folder / f"metrics_step{step:07d}.json", metrics)
         for evaluator in evaluators.values():
             evaluator.reset()
         self.last_results = results
         return results
+
+    @property
+    def evaluated_step(self) -> int:
+        """The training step the evaluated weights are from: the trainer's during fit, else the loaded
+        checkpoint's (`checkpoint_step`, when known) or the trainer's."""
+        fitting = self._trainer is not None and self.trainer.state.fn == "fit"
+        return self.global_step if fitting or self.checkpoint_step is None else int(self.checkpoint_step)
 
     def _eval_folder(self, split: str) -> Path | None:
         return Path(self.output_dir) / f"eval_{split}" if self.output_dir else None

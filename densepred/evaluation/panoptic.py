@@ -3,7 +3,8 @@
 The definition followed (panopticapi `evaluation.py`, Kirillov et al. 2019):
 
 * Segment ids come from the PNGs (RGB encoding id = R + 256 G + 256^2 B, 0 = void). Ground-truth areas
-  are the "area" fields of the JSON; predicted areas are pixel counts.
+  are the "area" fields of the JSON, used as written (a non-integer area is not rounded);
+  predicted areas are pixel counts.
 * A prediction and a non-crowd ground-truth segment of the same category match when
   IoU = |G n P| / (|G| + |P| - |G n P| - |void n P|) > 0.5; each match is a TP adding its IoU.
 * Unmatched non-crowd ground truths are FN. An unmatched prediction is an FP unless more than half of
@@ -48,7 +49,7 @@ SUFFIX = {"All": "", "Things": "_th", "Stuff": "_st"}
 @dataclass(frozen=True)
 class Segment:
     category_id: int
-    area: int
+    area: float  # the JSON's "area" as written (panopticapi does not round it); predictions: a pixel count
     iscrowd: bool = False
 
 
@@ -219,7 +220,7 @@ class PanopticEvaluator:
                     f"{self.panoptic_json}: image {image_id} segment {s['id']} has category_id "
                     f"{s['category_id']}, which is not among the evaluator's categories"
                 )
-            segments[int(s["id"])] = Segment(s["category_id"], int(s["area"]), bool(s.get("iscrowd", 0)))
+            segments[int(s["id"])] = Segment(s["category_id"], s["area"], bool(s.get("iscrowd", 0)))
         return gt_ids, segments
 
     def evaluate(self) -> dict[str, float]:
