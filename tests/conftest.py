@@ -414,3 +414,16 @@ def pq_reference() -> Callable[..., dict]:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.pq_compute_reference
+
+
+@pytest.fixture(scope="session")
+def tiny_cli_run(tmp_path_factory, tiny, synthetic_root) -> Path:
+    """`python train.py ...` on the tiny synthetic data, the real command line with Hydra's own output folder:
+    a 2-step run with its checkpoints/, export/ and eval_test/ (read, never written, by the tests using it)."""
+    out = tmp_path_factory.mktemp("cli_run")
+    result = tiny.run_script(
+        ["train.py", *tiny.train_overrides(synthetic_root), "validate_before_fit=false", f"hydra.run.dir={out}"]
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (out / ".hydra" / "config.yaml").is_file()
+    return out

@@ -93,23 +93,12 @@ def test_describe_reads_the_label_map_and_counts_segment_areas():
     assert [(s["category"], s["area"]) for s in record["segments"]] == [("cat", 2), ("sky", 3)]
 
 
-@pytest.fixture(scope="module")
-def trained_run(tmp_path_factory, tiny, synthetic_root) -> Path:
-    """`python train.py ...` on the tiny synthetic data: a 2-step run with its export/."""
-    out = tmp_path_factory.mktemp("predict_run")
-    result = tiny.run_script(
-        ["train.py", *tiny.train_overrides(synthetic_root), "validate_before_fit=false", f"hydra.run.dir={out}"]
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return out
-
-
 def _snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
     return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(folder.iterdir())}
 
 
 @pytest.mark.slow
-def test_predict_command_line_is_safe(tmp_path, tiny, synthetic_root, trained_run):
+def test_predict_command_line_is_safe(tmp_path, tiny, synthetic_root, tiny_cli_run):
     """One folder: `a.jpg` and `a.png` (same stem), two unreadable files (together in one batch of 2: an empty
     batch), and a 400 x 300 `c.jpg` that the bounded post-processing takes (`postprocess.exact_max_pixels`
     below its size, above the others'). output=input is refused with nothing written; then a real run."""
@@ -127,7 +116,7 @@ def test_predict_command_line_is_safe(tmp_path, tiny, synthetic_root, trained_ru
     assert max(h * w for n, (h, w) in sizes.items() if n != "c.jpg") < 20000 < 400 * 300
 
     common = [
-        f"checkpoint={trained_run / 'export'}",
+        f"checkpoint={tiny_cli_run / 'export'}",
         f"input={images}",
         "short_side=64",
         "max_size=96",

@@ -89,29 +89,19 @@ def test_train_runs_every_head_on_native_and_timm_backbones(
             assert tuple(panel.shape) == (3, height, 2 * width)
 
 
-@pytest.fixture(scope="module")
-def cli_run(tmp_path_factory, tiny, synthetic_root) -> Path:
-    """`python train.py ...`: the real command line, with Hydra's own output folder."""
-    out = tmp_path_factory.mktemp("cli_run")
-    result = tiny.run_script(
-        ["train.py", *tiny.train_overrides(synthetic_root), "validate_before_fit=false", f"hydra.run.dir={out}"]
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert (out / ".hydra" / "config.yaml").is_file()
-    return out
-
-
-def test_train_evaluate_predict_command_lines(tmp_path, tiny, synthetic_root, cli_run):
-    assert sorted(p.name for p in (cli_run / "checkpoints").iterdir()) == ["best-2.ckpt", "last.ckpt"]
-    assert (cli_run / "export" / "model.safetensors").is_file() and (cli_run / "export" / "config.json").is_file()
-    trained = tiny.read_metrics(cli_run / "eval_test" / "metrics_step0000002.json")
+def test_train_evaluate_predict_command_lines(tmp_path, tiny, synthetic_root, tiny_cli_run):
+    assert sorted(p.name for p in (tiny_cli_run / "checkpoints").iterdir()) == ["best-2.ckpt", "last.ckpt"]
+    assert (tiny_cli_run / "export" / "model.safetensors").is_file() and (
+        tiny_cli_run / "export" / "config.json"
+    ).is_file()
+    trained = tiny.read_metrics(tiny_cli_run / "eval_test" / "metrics_step0000002.json")
 
     # evaluate.py on last.ckpt (the only validation saved it with best-2.ckpt): the same numbers as train.py's test.
     out = tmp_path / "evaluate"
     result = tiny.run_script(
         [
             "evaluate.py",
-            f"checkpoint={cli_run / 'checkpoints' / 'last.ckpt'}",
+            f"checkpoint={tiny_cli_run / 'checkpoints' / 'last.ckpt'}",
             *tiny.data_overrides(synthetic_root),
             "trainer.accelerator=cpu",
             f"hydra.run.dir={out}",
@@ -129,7 +119,7 @@ def test_train_evaluate_predict_command_lines(tmp_path, tiny, synthetic_root, cl
     result = tiny.run_script(
         [
             "predict.py",
-            f"checkpoint={cli_run / 'export'}",
+            f"checkpoint={tiny_cli_run / 'export'}",
             f"input={images}",
             f"output={out}",
             "short_side=64",
@@ -153,9 +143,9 @@ def test_train_evaluate_predict_command_lines(tmp_path, tiny, synthetic_root, cl
         assert all(s["category"] in classes and s["area"] > 0 for s in record["segments"])
 
 
-def test_evaluate_labels_the_checkpoint_step_and_needs_no_train_split(tmp_path, tiny, synthetic_root, cli_run):
+def test_evaluate_labels_the_checkpoint_step_and_needs_no_train_split(tmp_path, tiny, synthetic_root, tiny_cli_run):
     """evaluate.py on the export (trained 2 steps) with data.root a folder holding only the val split."""
-    assert json.loads((cli_run / "export" / "config.json").read_text())["global_step"] == 2
+    assert json.loads((tiny_cli_run / "export" / "config.json").read_text())["global_step"] == 2
     source = build_datamodule(tiny.compose_train(tiny.train_overrides(synthetic_root), tmp_path)).data_root
     root = tmp_path / "val_only"
     shutil.copytree(source / "val2017", root / "val2017")
@@ -164,7 +154,7 @@ def test_evaluate_labels_the_checkpoint_step_and_needs_no_train_split(tmp_path, 
     result = tiny.run_script(
         [
             "evaluate.py",
-            f"checkpoint={cli_run / 'export'}",
+            f"checkpoint={tiny_cli_run / 'export'}",
             f"data.root={root}",
             "data.synthetic=null",
             "data.num_workers=0",
@@ -178,15 +168,15 @@ def test_evaluate_labels_the_checkpoint_step_and_needs_no_train_split(tmp_path, 
     assert [p.name for p in (out / "eval_test").glob("metrics_step*.json")] == ["metrics_step0000002.json"]
     assert "test metrics at step 2" in result.stdout + result.stderr
     assert tiny.read_metrics(out / "eval_test" / "metrics_step0000002.json") == tiny.read_metrics(
-        cli_run / "eval_test" / "metrics_step0000002.json"
+        tiny_cli_run / "eval_test" / "metrics_step0000002.json"
     )
 
 
-def test_evaluate_refuses_a_checkpoint_with_other_classes(tmp_path, tiny, synthetic_root, cli_run):
+def test_evaluate_refuses_a_checkpoint_with_other_classes(tmp_path, tiny, synthetic_root, tiny_cli_run):
     result = tiny.run_script(
         [
             "evaluate.py",
-            f"checkpoint={cli_run / 'export'}",
+            f"checkpoint={tiny_cli_run / 'export'}",
             *tiny.data_overrides(synthetic_root, task="instance"),
             f"hydra.run.dir={tmp_path}",
         ]
@@ -196,14 +186,14 @@ def test_evaluate_refuses_a_checkpoint_with_other_classes(tmp_path, tiny, synthe
     assert "init_from" in result.stderr
 
 
-def test_init_from_reinitialises_only_the_class_head(tmp_path, tiny, synthetic_root, cli_run):
+def test_init_from_reinitialises_only_the_class_head(tmp_path, tiny, synthetic_root, tiny_cli_run):
     """Fine-tuning the 7-class panoptic export on the 4-class instance task keeps every weight but the class head."""
-    overrides = [*tiny.train_overrides(synthetic_root), f"init_from={cli_run / 'export'}", "data.task=instance"]
+    overrides = [*tiny.train_overrides(synthetic_root), f"init_from={tiny_cli_run / 'export'}", "data.task=instance"]
     cfg = tiny.compose_train(overrides, tmp_path)
     datamodule = build_datamodule(cfg)
     assert datamodule.metadata.num_classes == 4
     module = build_module(cfg, datamodule.metadata)
-    exported = load_file(cli_run / "export" / "model.safetensors")
+    exported = load_file(tiny_cli_run / "export" / "model.safetensors")
     state = module.model.state_dict()
     differing = sorted(
         k for k in state if state[k].shape != exported[k].shape or not torch.equal(state[k], exported[k])
