@@ -53,8 +53,9 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt", ".ckpt")
 HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 # Containers that training scripts wrap state dicts in (Microsoft Swin: "model", others "state_dict").
 WRAPPERS = ("state_dict", "model", "module", "model_state", "model_state_dict")
-# Native weights that a checkpoint may lack or carry spare: the per-output norms follow the selection.
-OPTIONAL = "out_norms."
+# Native weights that a checkpoint may lack or carry spare: the per-output norms follow the selection, and a
+# ViT's feature pyramid is new when fine-tuning from a classification / self-supervised checkpoint.
+OPTIONAL = ("out_norms.", "pyramid.")
 
 
 @dataclass
@@ -292,8 +293,8 @@ def load_backbone_state_dict(
     Refused with a ValueError: a weight whose shape differs (naming the first such key and both shapes),
     and any backbone weight missing from the checkpoint or checkpoint weight without a place in the
     backbone (another architecture). Only the per-output norms (`out_norms.*`, which classification
-    checkpoints lack and which follow the stage selection) may be missing or unused; they are listed in
-    the report. BatchNorm's `num_batches_tracked` counters are not weights and are not compared.
+    checkpoints lack and which follow the stage selection) and a ViT's `pyramid.*` may be missing or unused;
+    they are listed in the report. BatchNorm's `num_batches_tracked` counters are not weights and are not compared.
     """
     name = type(backbone).__name__
     own = {k: v for k, v in backbone.state_dict().items() if not k.endswith("num_batches_tracked")}

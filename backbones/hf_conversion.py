@@ -1,4 +1,5 @@
-"""transformers ResNet / Swin / ConvNeXt checkpoints -> native backbones (architecture and weights).
+"""transformers ResNet / Swin / ConvNeXt / DINOv2 / DINOv3-ViT checkpoints -> native backbones (architecture
+and weights).
 
 `native_backbone_from_hf_config` reads a transformers backbone config (`config.json` as a dict) and
 returns the native class and its constructor arguments; `split_hf_backbone_state_dict` renames the
@@ -9,11 +10,17 @@ weights to the native (timm) layout. Both key layouts are read:
 - v5, what transformers 5 models hold in memory: `attention.{q,k,v,o}_proj`,
   `attention.relative_position_bias.relative_position_bias_table`, `mlp.fc{1,2}`.
 
-ResNet and ConvNeXt names are the same in both. The bare model, the classification model (prefix
-`resnet.` / `swin.` / `convnext.`, plus a classifier) and the `*Backbone` class (plus
-`hidden_states_norms`, our `out_norms`) are accepted; MaskFormer's Swin (`maskformer-swin`, prefix
-`model.`, `hidden_states_norms.0..3`) too. Swin's patch merging sits at the end of stage N in
-transformers and at the start of stage N + 1 here (timm's layout); q, k, v become one `qkv` projection.
+ResNet and ConvNeXt names are the same in both. The plain ViTs (`dinov2`, `dinov2_with_registers`,
+`dinov3_vit`) become `ViTBackbone` on the matching timm architecture: DINOv2 v4 `attention.attention.{query,
+key,value}` / `attention.output.dense`, v5 `attention.{q,k,v,o}_proj`; DINOv3 `layer.N` on disk,
+`model.layer.N` in transformers 5 models. DINOv2-with-registers' class-token position embedding is folded
+into the class token (timm's `no_embed_class` layout, as timm's own DINOv2 converter does).
+
+The bare model, the classification model (prefix `resnet.` / `swin.` / `convnext.` / `dinov2.`, plus a
+classifier) and the `*Backbone` class (plus `hidden_states_norms`, our `out_norms`) are accepted;
+MaskFormer's Swin (`maskformer-swin`, prefix `model.`, `hidden_states_norms.0..3`) too. Swin's patch
+merging sits at the end of stage N in transformers and at the start of stage N + 1 here (timm's layout);
+q, k, v become one `qkv` projection.
 """
 
 from __future__ import annotations
@@ -86,9 +93,32 @@ CONVNEXT_RULES: list[Rule] = [
     (r"hidden_states_norms\.(.*)", r"out_norms.\1"),
 ]
 
+VIT_BLOCK = r"(?:encoder\.|model\.)?layer\.(\d+)\."
+VIT_RULES: list[Rule] = [
+    (r"embeddings\.cls_token", "vit.cls_token"),
+    (r"embeddings\.register_tokens", "vit.reg_token"),
+    (r"embeddings\.position_embeddings", "vit.pos_embed"),
+    (r"embeddings\.patch_embeddings(?:\.projection)?\.(weight|bias)", r"vit.patch_embed.proj.\1"),
+    (VIT_BLOCK + r"(norm[12])\.(.*)", r"vit.blocks.\1.\2.\3"),
+    (VIT_BLOCK + r"attention\.(?:output\.dense|o_proj)\.(.*)", r"vit.blocks.\1.attn.proj.\2"),
+    (VIT_BLOCK + r"mlp\.(?:fc1|up_proj)\.(.*)", r"vit.blocks.\1.mlp.fc1.\2"),
+    (VIT_BLOCK + r"mlp\.(?:fc2|down_proj)\.(.*)", r"vit.blocks.\1.mlp.fc2.\2"),
+    (r"(?:layernorm|norm)\.(.*)", r"vit.norm.\1"),
+]
+# Layer scale: timm's VisionTransformer `ls1.gamma`, its Eva (DINOv3) `gamma_1`.
+VIT_LAYER_SCALE = re.compile(VIT_BLOCK + r"layer_scale([12])\.lambda1")
+# q, k, v: DINOv2 v4 `attention.attention.query`, v5 and DINOv3 `attention.q_proj`.
+VIT_QKV = re.compile(VIT_BLOCK + r"attention\.(?:attention\.(query|key|value)|([qkv])_proj)\.(weight|bias)")
+VIT_NOT_BACKBONE = re.compile(r"embeddings\.mask_token|classifier\..*|rope_embeddings\..*")
+VIT_TYPES = ("dinov2", "dinov2_with_registers", "dinov3_vit")
+
 RULES = {"resnet": RESNET_RULES, "swin": SWIN_RULES, "maskformer-swin": SWIN_RULES, "convnext": CONVNEXT_RULES}
-# Keys only one family has: used to tell a bare transformers state dict's family.
+# Keys only one family has: used to tell a bare transformers state dict's family (the ViTs first: DINOv2
+# shares Swin's patch-embedding name).
 SIGNATURES = {
+    "dinov3_vit": ".mlp.up_proj.",
+    "dinov2_with_registers": "embeddings.register_tokens",
+    "dinov2": ".layer_scale1.lambda1",
     "resnet": "embedder.embedder.",
     "swin": "embeddings.patch_embeddings.projection.",
     "convnext": "encoder.stages.",
@@ -108,6 +138,53 @@ def _selection(config: Mapping[str, Any]) -> dict[str, Any]:
     return {"out_features": list(config["out_features"])} if config.get("out_features") else {}
 
 
+def hf_family(model_type: str) -> str:
+    """The `Backbone.family` a transformers model type loads into ("maskformer-swin" -> "swin", "dinov2" -> "vit")."""
+    return "vit" if model_type in VIT_TYPES else model_type.removeprefix("maskformer-")
+
+
+def _vit_from_hf_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """A transformers DINOv2 / DINOv2-with-registers / DINOv3-ViT config -> `ViTBackbone` kwargs: the timm
+    architecture of that family with the config's sizes."""
+    model_type = config["model_type"]
+    _require(config, "hidden_act", "gelu", "gelu")
+    hidden = config.get("hidden_size", 768)
+    kwargs = {
+        "embed_dim": hidden,
+        "depth": config.get("num_hidden_layers", 12),
+        "num_heads": config.get("num_attention_heads", 12),
+        "patch_size": config.get("patch_size", 14 if model_type != "dinov3_vit" else 16),
+        "img_size": config.get("image_size", 224),
+        "init_values": config.get("layerscale_value", 1.0),
+        "drop_path_rate": config.get("drop_path_rate", 0.0),
+        "in_channels": config.get("num_channels", 3),
+        "apply_layernorm": config.get("apply_layernorm", True),
+    }
+    if model_type == "dinov3_vit":
+        _require(config, "use_gated_mlp", False, False)
+        _require(config, "layer_norm_eps", 1e-5, 1e-5)
+        _require(config, "key_bias", False, False)
+        _require(config, "proj_bias", True, True)
+        _require(config, "mlp_bias", True, True)
+        qkv_bias = config.get("query_bias", True)
+        _require(config, "value_bias", qkv_bias, True)  # timm's Eva has both q and v biases, or neither
+        model_name = "vit_small_patch16_dinov3_qkvb" if qkv_bias else "vit_small_patch16_dinov3"
+        kwargs |= {
+            "mlp_ratio": config.get("intermediate_size", 4 * hidden) / hidden,
+            "num_reg_tokens": config.get("num_register_tokens", 0),
+            "rope_temperature": config.get("rope_theta", 100.0),
+        }
+    else:
+        _require(config, "use_swiglu_ffn", False, False)
+        _require(config, "layer_norm_eps", 1e-6, 1e-6)
+        kwargs |= {"mlp_ratio": config.get("mlp_ratio", 4), "qkv_bias": config.get("qkv_bias", True)}
+        model_name = "vit_small_patch14_dinov2"
+        if model_type == "dinov2_with_registers":
+            model_name = "vit_small_patch14_reg4_dinov2"
+            kwargs |= {"reg_tokens": config.get("num_register_tokens", 4), "pos_embed_antialias": True}
+    return {"model_name": model_name, **kwargs, **_selection(config)}
+
+
 def native_backbone_from_hf_config(config: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
     """A transformers ResNet / Swin / ConvNeXt (or MaskFormer-Swin) config dict -> (`_target_`, constructor kwargs).
 
@@ -116,6 +193,8 @@ def native_backbone_from_hf_config(config: Mapping[str, Any]) -> tuple[str, dict
     models do not implement (e.g. Swin absolute position embeddings) raise a ValueError naming the key.
     """
     model_type = config.get("model_type")
+    if model_type in VIT_TYPES:
+        return "densepred.backbones.ViTBackbone", _vit_from_hf_config(config)
     if model_type == "resnet":
         _require(config, "downsample_in_first_stage", False, False)
         _require(config, "downsample_in_bottleneck", False, False)
@@ -162,7 +241,8 @@ def native_backbone_from_hf_config(config: Mapping[str, Any]) -> tuple[str, dict
         }
     raise ValueError(
         f"config.json has model_type={model_type!r}; transformers backbones that load natively are "
-        "'resnet', 'swin', 'maskformer-swin' and 'convnext'. Any timm model loads through backbones.TimmBackbone."
+        "'resnet', 'swin', 'maskformer-swin', 'convnext', 'dinov2', 'dinov2_with_registers' and 'dinov3_vit'. "
+        "Any timm model loads through backbones.TimmBackbone."
     )
 
 
@@ -180,6 +260,8 @@ def split_hf_backbone_state_dict(
     """transformers ResNet / Swin / ConvNeXt weights (bare, classification or *Backbone class, v4 or v5 names,
     with or without the model prefix) of `model_type` -> (native weights, keys left out as non-backbone
     weights: classifier, pooler, final norm, recomputed buffers)."""
+    if model_type in VIT_TYPES:
+        return _split_hf_vit_state_dict(state_dict, model_type, source)
     if model_type not in RULES:
         native_backbone_from_hf_config({"model_type": model_type})  # raises the unsupported-type error
     rules, prefixes = RULES[model_type], PREFIXES[model_type]
@@ -201,4 +283,42 @@ def split_hf_backbone_state_dict(
     for (stage, block, kind), parts in qkv.items():
         error = f"{source}: Swin stage {stage} block {block} lacks one of its query/key/value {kind}s"
         converted[f"layers.{stage}.blocks.{block}.attn.qkv.{kind}"] = pack_qkv(parts, error)
+    return converted, dropped
+
+
+def _split_hf_vit_state_dict(
+    state_dict: Mapping[str, torch.Tensor], model_type: str, source: str
+) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """transformers DINOv2 / DINOv2-with-registers / DINOv3-ViT weights -> `ViTBackbone` weights (timm layout
+    under `vit.`), keys left out (mask token, classifier, RoPE buffers)."""
+    eva = model_type == "dinov3_vit"  # timm's Eva: `gamma_1`, separate q / v biases, no k bias
+    prefix = f"{model_type}."
+    converted: dict[str, torch.Tensor] = {}
+    qkv: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+    dropped = []
+    for key, value in state_dict.items():
+        name = key.removeprefix(prefix)
+        if VIT_NOT_BACKBONE.fullmatch(name):
+            dropped.append(key)
+        elif match := VIT_QKV.fullmatch(name):
+            part = (match[2] or match[3])[0]
+            if eva and match[4] == "bias":
+                converted[f"vit.blocks.{match[1]}.attn.{part}_bias"] = value
+            else:
+                qkv.setdefault((match[1], match[4]), {})[part] = value
+        elif match := VIT_LAYER_SCALE.fullmatch(name):
+            converted[f"vit.blocks.{match[1]}." + (f"gamma_{match[2]}" if eva else f"ls{match[2]}.gamma")] = value
+        else:
+            error = (
+                f"{source}: {key!r} is not a weight of a transformers {model_type} model; is this checkpoint "
+                f"(config.json model_type {model_type!r}) really a {model_type} model?"
+            )
+            converted[rename_key(name, VIT_RULES, error)] = value
+    for (block, kind), parts in qkv.items():
+        error = f"{source}: ViT block {block} lacks one of its query / key / value tensors ({kind})"
+        converted[f"vit.blocks.{block}.attn.qkv.{kind}"] = pack_qkv(parts, error)
+    if model_type == "dinov2_with_registers" and "vit.pos_embed" in converted:
+        pos_embed = converted["vit.pos_embed"]
+        converted["vit.cls_token"] = converted["vit.cls_token"] + pos_embed[:, :1]
+        converted["vit.pos_embed"] = pos_embed[:, 1:]
     return converted, dropped

@@ -5,8 +5,10 @@
 
 Both sides compute the four pyramid levels (strides 4-32) and back-propagate the sum of their means.
 ResNets use trainable BatchNorm on both sides; the timm Swin is built for the benchmark size with
-`always_partition=True` (the same arithmetic as ours, with timm's precomputed masks). Runs of the two
-models alternate so that machine noise hits both alike; the median of `--iters` steps is reported.
+`always_partition=True` (the same arithmetic as ours, with timm's precomputed masks). The plain ViTs
+(`dinov2_*`, `dinov3_*`, `eva02_*`) return the maps of four evenly spaced blocks after the final norm on
+both sides (ours without the pyramid, timm's `forward_intermediates(norm=True)` with `dynamic_img_size`).
+Runs of the two models alternate so that machine noise hits both alike; the median of `--iters` steps is reported.
 """
 
 from __future__ import annotations
@@ -32,26 +34,32 @@ SWIN_TIMM = {
 }
 
 
-def build_pair(name: str, size: int) -> tuple[torch.nn.Module, torch.nn.Module]:
-    """(native, timm) models of the same architecture, both returning the stride 4-32 maps."""
-    if name.startswith("resnet"):
-        native = AutoBackbone.from_config(name, out_indices=(1, 2, 3, 4), norm="bn")
-        reference = timm.create_model(name, num_classes=0)
-    elif name.startswith("swin"):
-        native = AutoBackbone.from_config(name, out_indices=(1, 2, 3, 4))
+def build_pair(name: str, size: int) -> tuple[torch.nn.Module, torch.nn.Module, int | list[int]]:
+    """(native, timm) models of the same architecture, both returning the stride 4-32 maps (ViTs: four blocks'
+    maps), and the `indices` of timm's `forward_intermediates`."""
+    native = AutoBackbone.from_config(name, **({"norm": "bn"} if name.startswith("resnet") else {}))
+    if native.family == "vit":
+        depth = native.num_layers
+        blocks = [depth // 4, depth // 2, 3 * depth // 4, depth]
+        native.out_indices = blocks
+        reference = timm.create_model(native.config["model_name"], num_classes=0, global_pool="", dynamic_img_size=True)
+        return native, reference, [b - 1 for b in blocks]
+    native.out_indices = [1, 2, 3, 4]
+    if name.startswith("swin"):
         reference = timm.create_model(SWIN_TIMM[name], num_classes=0, img_size=size, always_partition=True)
     else:
-        native = AutoBackbone.from_config(name, out_indices=(1, 2, 3, 4))
         reference = timm.create_model(name, num_classes=0)
-    return native, reference
+    return native, reference, 4
 
 
-def step_fn(model: torch.nn.Module, is_native: bool):
+def step_fn(model: torch.nn.Module, is_native: bool, indices: int | list[int] = 4):
+    norm = {"norm": True} if isinstance(indices, list) else {}  # the ViTs' final norm on each map
+
     def step(x: torch.Tensor) -> None:
         if is_native:
             maps = model(x).feature_maps
         else:
-            maps = model.forward_intermediates(x, indices=4, intermediates_only=True)
+            maps = model.forward_intermediates(x, indices=indices, intermediates_only=True, **norm)
         sum(m.float().mean() for m in maps).backward()
 
     return step
@@ -102,9 +110,10 @@ def main() -> None:
     print("|---|---|---|---|" + ("---|---|" if device.type == "cuda" else ""))
     for name in args.models:
         torch.manual_seed(0)
-        native, reference = (m.to(device).train() for m in build_pair(name, args.size))
+        native, reference, indices = build_pair(name, args.size)
+        native, reference = native.to(device).train(), reference.to(device).train()
         x = torch.randn(args.batch, 3, args.size, args.size, device=device)
-        steps = {"native": step_fn(native, True), "timm": step_fn(reference, False)}
+        steps = {"native": step_fn(native, True), "timm": step_fn(reference, False, indices)}
         times: dict[str, list[float]] = {"native": [], "timm": []}
         memory: dict[str, float] = {}
         for i in range(args.warmup + args.iters):

@@ -26,6 +26,17 @@ COCO_EVAL = {"recipe": "resize", "short": 800, "max_size": 1333}
 RECIPES = {
     "coco_panoptic_r50": ("panoptic", "resnet50", 133, 80, "multistep", 368750, "val/PQ", LSJ_1024, COCO_EVAL),
     "coco_panoptic_swin_tiny": ("panoptic", "swin_tiny", 133, 80, "multistep", 368750, "val/PQ", LSJ_1024, COCO_EVAL),
+    "coco_panoptic_dinov2_base": (
+        "panoptic",
+        "dinov2_base",
+        133,
+        80,
+        "multistep",
+        368750,
+        "val/PQ",
+        LSJ_1024,
+        COCO_EVAL,
+    ),
     "coco_instance_swin_tiny": (
         "instance",
         "swin_tiny",
@@ -52,6 +63,7 @@ RECIPES = {
 BACKBONE_BUILDS = {
     "resnet50": ("ResNetBackbone", [256, 512, 1024, 2048]),
     "swin_tiny": ("SwinBackbone", [96, 192, 384, 768]),
+    "dinov2_base": ("ViTBackbone", [256, 256, 256, 256]),  # the simple feature pyramid's levels
 }
 
 
@@ -89,6 +101,8 @@ def test_experiment_composes_and_builds_with_the_published_recipe(tmp_path, tiny
     assert cfg.callbacks.checkpoint.monitor == monitor
     if backbone == "resnet50":  # ImageNet ResNet-50 with frozen BatchNorm; Swin-T with drop path 0.3
         assert cfg.backbone.norm == "frozen_bn"
+    elif backbone == "dinov2_base":  # ViTDet's ViT-B: drop path 0.1, layer decay 0.7, weight decay 0.1
+        assert cfg.backbone.drop_path_rate == 0.1 and cfg.backbone.layer_decay == 0.7
     else:
         assert cfg.backbone.drop_path_rate == 0.3
 
@@ -124,6 +138,10 @@ def test_experiment_composes_and_builds_with_the_published_recipe(tmp_path, tiny
     }
     if backbone == "resnet50":  # frozen BatchNorm: no trainable backbone norm
         del expected["backbone_wd0"]
+    if backbone == "dinov2_base":  # ViTDet: lr 1e-4 x 0.7^(13 - i) for layer i (0 the embeddings), weight decay 0.1
+        expected = {"head_wd0.1": (1e-4, 0.1), "head_wd0": (1e-4, 0.0)}
+        for layer in range(14):
+            expected |= {f"backbone_layer{layer}_wd{wd:g}": (1e-4 * 0.7 ** (13 - layer), wd) for wd in (0.0, 0.1)}
     assert groups.keys() == expected.keys()
     assert all(groups[name] == pytest.approx(expected[name], rel=1e-12) for name in expected)
     no_decay = {id(p) for g in optimizer.param_groups if g["weight_decay"] == 0 for p in g["params"]}

@@ -32,12 +32,19 @@ def test_every_registered_backbone_follows_the_contract(name):
     device (shapes only), so the large variants cost no weight initialisation."""
     with torch.device("meta"), torch.no_grad():
         model = AutoBackbone.from_config(name).eval()
-        assert isinstance(model, Backbone) and model.family in {"resnet", "swin", "convnext"}
+        assert isinstance(model, Backbone) and model.family in {"resnet", "swin", "convnext", "vit"}
         assert model.stage_names[0] == "stem" and model.out_features == [model.stage_names[-1]]  # default: last
         model.out_features = model.stage_names
-        assert model.strides == sorted(model.strides) and model.strides[-1] == 32
         assert [info["num_chs"] for info in model.feature_info] == model.channels
         maps = model(torch.empty(1, 3, 64, 96)).feature_maps
+        if model.family == "vit":  # single-stride maps (ceil(H / patch)); the pyramid gives strides 4..32
+            assert set(model.strides) == {model.patch_size}
+            assert {(f.shape[2], f.shape[3]) for f in maps} == {
+                (-(-64 // model.patch_size), -(-96 // model.patch_size))
+            }
+            model = AutoBackbone.from_config(name, pyramid={"mode": "simple"}).eval()
+            maps = model(torch.empty(1, 3, 64, 96)).feature_maps
+        assert model.strides == sorted(model.strides) and model.strides[-1] == 32
     assert [f.shape[1] for f in maps] == model.channels
     assert [(f.shape[2], f.shape[3]) for f in maps] == [(64 // s, 96 // s) for s in model.strides]
 
