@@ -3,9 +3,12 @@
 Each query looks at `num_points` learned sampling locations around its reference point on each of
 `num_levels` feature maps, per head, and takes a softmax-weighted sum of the bilinearly sampled values.
 
-The sampling itself is a pure function behind a small dispatch point: `ms_deform_attn_core` (PyTorch,
-`grid_sample`) is the reference and the default, and a faster kernel (e.g. the CUDA op of the original
-code) can be added with `register_ms_deform_attn_implementation` and chosen by name per module.
+The sampling itself is a pure function behind a small dispatch point, chosen by name per module:
+- "pytorch": `ms_deform_attn_core` (`grid_sample`), the reference;
+- "embedding_bag": `ms_deform_attn_bag`, the same values as one sparse product, several times leaner;
+- "triton": the fused Triton kernels (`ms_deform_attn_triton`, CUDA tensors);
+- "auto" (the default): "triton" on CUDA when Triton is installed, else "embedding_bag".
+More (e.g. the CUDA op of the original code) can be added with `register_ms_deform_attn_implementation`.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from densepred.necks.ms_deform_attn_bag import ms_deform_attn_bag
 
 MSDeformAttnFn = Callable[
     [torch.Tensor, Sequence[tuple[int, int]], Sequence[int], torch.Tensor, torch.Tensor], torch.Tensor
@@ -57,7 +62,7 @@ def ms_deform_attn_core(
     return output.view(batch, num_heads * head_dim, num_queries).transpose(1, 2)
 
 
-_IMPLEMENTATIONS: dict[str, MSDeformAttnFn] = {"pytorch": ms_deform_attn_core}
+_IMPLEMENTATIONS: dict[str, MSDeformAttnFn] = {"pytorch": ms_deform_attn_core, "embedding_bag": ms_deform_attn_bag}
 
 
 def register_ms_deform_attn_implementation(name: str, fn: MSDeformAttnFn) -> None:
@@ -65,14 +70,46 @@ def register_ms_deform_attn_implementation(name: str, fn: MSDeformAttnFn) -> Non
     _IMPLEMENTATIONS[name] = fn
 
 
+def _register_triton() -> bool:
+    """Register the Triton kernels as "triton" if Triton is installed; whether they are available."""
+    if "triton" not in _IMPLEMENTATIONS:
+        from densepred.necks import ms_deform_attn_triton
+
+        if not ms_deform_attn_triton.triton_available():
+            return False
+        register_ms_deform_attn_implementation("triton", ms_deform_attn_triton.ms_deform_attn_triton)
+    return True
+
+
 def get_ms_deform_attn_implementation(name: str) -> MSDeformAttnFn:
-    """The registered sampling function called `name` ("pytorch" is always there)."""
+    """The registered sampling function called `name` ("pytorch" and "embedding_bag" are always there)."""
+    if name == "triton":
+        _register_triton()
     if name not in _IMPLEMENTATIONS:
         raise ValueError(
             f"unknown multi-scale deformable attention implementation {name!r}; registered: "
-            f"{sorted(_IMPLEMENTATIONS)} (add one with register_ms_deform_attn_implementation)"
+            f"{sorted(['auto', *_IMPLEMENTATIONS])} (add one with register_ms_deform_attn_implementation)"
         )
     return _IMPLEMENTATIONS[name]
+
+
+def resolve_ms_deform_attn_implementation(name: str, device: torch.device) -> MSDeformAttnFn:
+    """`name`'s function, "auto" meaning the fastest one for `device` (see the module docstring)."""
+    if name != "auto":
+        return get_ms_deform_attn_implementation(name)
+    if device.type == "cuda" and _register_triton():
+        return _IMPLEMENTATIONS["triton"]
+    return ms_deform_attn_bag
+
+
+def level_normalizer(spatial_shapes: Sequence[tuple[int, int]], like: torch.Tensor) -> torch.Tensor:
+    """(w, h) of every level as a (num_levels, 2) tensor of `like`'s dtype and device.
+
+    Built on the host and copied with non_blocking=True: an asynchronous host-to-device copy, not a
+    synchronisation (a device tensor from a Python list would block until the device is idle).
+    """
+    shapes = torch.tensor([(w, h) for h, w in spatial_shapes], dtype=like.dtype)
+    return shapes.to(like.device, non_blocking=True)
 
 
 class MSDeformAttn(nn.Module):
@@ -84,7 +121,7 @@ class MSDeformAttn(nn.Module):
         num_levels: int = 3,
         num_heads: int = 8,
         num_points: int = 4,
-        implementation: str = "pytorch",
+        implementation: str = "auto",
     ) -> None:
         super().__init__()
         if embed_dim % num_heads:
@@ -94,7 +131,8 @@ class MSDeformAttn(nn.Module):
         self.num_heads = num_heads
         self.num_points = num_points
         self.implementation = implementation
-        self.sample = get_ms_deform_attn_implementation(implementation)
+        if implementation != "auto":
+            get_ms_deform_attn_implementation(implementation)  # unknown names fail at construction
         self.sampling_offsets = nn.Linear(embed_dim, num_heads * num_levels * num_points * 2)
         self.attention_weights = nn.Linear(embed_dim, num_heads * num_levels * num_points)
         self.value_proj = nn.Linear(embed_dim, embed_dim)
@@ -146,7 +184,8 @@ class MSDeformAttn(nn.Module):
         weights = self.attention_weights(query).view(batch, num_queries, heads, levels * points)
         weights = weights.softmax(-1).view(batch, num_queries, heads, levels, points)
         # offsets are in pixels of each level: normalise by that level's (w, h)
-        normalizer = torch.tensor([(w, h) for h, w in spatial_shapes], dtype=query.dtype, device=query.device)
+        normalizer = level_normalizer(spatial_shapes, offsets)
         locations = reference_points[:, :, None, :, None, :] + offsets / normalizer[None, None, None, :, None, :]
-        output = self.sample(value, spatial_shapes, level_start_index, locations, weights)
+        sample = resolve_ms_deform_attn_implementation(self.implementation, value.device)
+        output = sample(value, spatial_shapes, level_start_index, locations, weights)
         return self.output_proj(output)

@@ -10,7 +10,9 @@ from densepred.necks.ms_deform_attn import (
     get_ms_deform_attn_implementation,
     ms_deform_attn_core,
     register_ms_deform_attn_implementation,
+    resolve_ms_deform_attn_implementation,
 )
+from densepred.necks.ms_deform_attn_bag import ms_deform_attn_bag
 from densepred.necks.msdeform_pixel_decoder import MSDeformAttnPixelDecoder
 
 SHAPES = [(3, 5), (2, 3), (1, 2)]
@@ -167,3 +169,45 @@ def test_pixel_decoder_refuses_strides_it_cannot_use():
         MSDeformAttnPixelDecoder(in_channels=[16, 24, 32], in_strides=[8, 16, 32])
     with pytest.raises(ValueError, match="conv_dim=48 must be divisible by num_groups=32"):
         MSDeformAttnPixelDecoder(in_channels=[8, 16, 24, 32], in_strides=[4, 8, 16, 32], conv_dim=48)
+
+
+def random_bag_inputs(shapes, batch=2, heads=2, head_dim=4, points=3, queries=7, spread=2.0, dtype=torch.float64):
+    """Inputs of `ms_deform_attn_core` with locations up to `spread` / 2 outside [0, 1] on each side."""
+    g = torch.Generator().manual_seed(0)
+    total = sum(h * w for h, w in shapes)
+    value = torch.randn(batch, total, heads, head_dim, generator=g, dtype=dtype)
+    locations = torch.rand(batch, queries, heads, len(shapes), points, 2, generator=g, dtype=dtype)
+    locations = locations * spread - (spread - 1) / 2
+    weights = torch.rand(batch, queries, heads, len(shapes), points, generator=g, dtype=dtype)
+    return value, locations, weights
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_embedding_bag_core_equals_the_grid_sample_core_values_and_gradients(dtype):
+    shapes = [(5, 7), (3, 4), (2, 2), (1, 1)]
+    starts = [0, 35, 47, 51]
+    value, locations, weights = random_bag_inputs(shapes, dtype=dtype)
+    # points a quarter pixel from a centre, on the border and one pixel beyond it (not on a centre, where the
+    # location gradient jumps and either one-sided value is right)
+    locations[0, 0, 0, 0, :, 0] = torch.tensor([0.75 / 7, 0.0, -1 / 7], dtype=dtype)
+    locations[0, 0, 0, 0, :, 1] = torch.tensor([1.25 / 5, 1.0, 1 + 1 / 5], dtype=dtype)
+    grad = torch.randn(2, 7, 8, generator=torch.Generator().manual_seed(1), dtype=dtype)
+    results = []
+    for fn in (ms_deform_attn_core, ms_deform_attn_bag):
+        inputs = [t.clone().requires_grad_() for t in (value, locations, weights)]
+        out = fn(inputs[0], shapes, starts, inputs[1], inputs[2])
+        results.append((out, *torch.autograd.grad(out, inputs, grad)))
+    tolerance = 1e-12 if dtype == torch.float64 else 1e-5
+    for expected, got in zip(*results, strict=True):
+        torch.testing.assert_close(got, expected, atol=tolerance, rtol=tolerance)
+
+
+def test_auto_implementation_is_embedding_bag_on_cpu_and_modules_agree():
+    assert resolve_ms_deform_attn_implementation("auto", torch.device("cpu")) is ms_deform_attn_bag
+    torch.manual_seed(0)
+    reference = tiny_decoder(implementation="pytorch").eval()
+    fast = tiny_decoder()  # "auto"
+    fast.load_state_dict(reference.state_dict())
+    features = tiny_features()
+    want, got = reference(features), fast.eval()(features)
+    torch.testing.assert_close(got.mask_features, want.mask_features, atol=1e-5, rtol=1e-5)
