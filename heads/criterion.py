@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import sigmoid_focal_loss as torchvision_sigmoid_focal_loss
 
-from densepred.heads.matcher import HungarianMatcher, check_mask_loss
+from densepred.heads.mask_prediction import selected_mask_logits
+from densepred.heads.matcher import HungarianMatcher, Matches, check_mask_loss
 from densepred.heads.point_sampling import check_sampling_ratios, point_sample, sample_uncertain_points
 
 
@@ -65,7 +66,7 @@ def average_num_masks(num_masks: int, device: torch.device) -> torch.Tensor:
 
     Returns a 0-d float tensor on `device`; no host synchronisation.
     """
-    count = torch.as_tensor(float(num_masks), device=device)
+    count = torch.full((), float(num_masks), device=device)  # a fill on the device, not a host copy
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(count)
         count = count / dist.get_world_size()
@@ -122,10 +123,13 @@ class SetCriterion(nn.Module):
     ) -> dict[str, torch.Tensor]:
         """Weighted losses of the final and every auxiliary prediction.
 
-        outputs: `pred_logits` (B, Q, K+1), `pred_masks` (B, Q, h, w), optional `aux_outputs` (list of dicts
-        with the same two keys). targets: one dict per image with `labels` (N_b,) int64 in [0, K) and `masks`
-        (N_b, H, W) bool, padded to the batch's input size. Returns 0-d tensors keyed `loss_ce`, `loss_mask`,
-        `loss_dice`, then `loss_ce_0`, ... for auxiliary layer 0 and so on.
+        outputs: a head's predictions (`heads.mask_prediction`): `pred_logits` (B, Q, K+1) with either
+        `pred_masks` (B, Q, h, w) or `pred_mask_embeds` (B, Q, C) and `mask_features` (B, C, h, w), and optional
+        `aux_outputs` (a list of the same). All predictions are matched first (one host round trip), so the
+        matcher's random points of every prediction are drawn before the losses' points.
+        targets: one dict per image with `labels` (N_b,) int64 in [0, K) and `masks` (N_b, H, W) bool, padded
+        to the batch's input size. Returns 0-d tensors keyed `loss_ce`, `loss_mask`, `loss_dice`, then
+        `loss_ce_0`, ... for auxiliary layer 0 and so on.
         """
         if outputs["pred_logits"].shape[-1] != self.num_classes + 1:
             raise ValueError(
@@ -135,35 +139,30 @@ class SetCriterion(nn.Module):
         device = outputs["pred_logits"].device
         labels = torch.cat([t["labels"] for t in targets]).to(device)  # (T,) all targets of the batch
         masks = torch.cat([t["masks"] for t in targets]).to(device)  # (T, H, W)
-        offsets = torch.tensor([0] + [len(t["labels"]) for t in targets]).cumsum(0)[:-1]  # first target per image
         num_masks = average_num_masks(labels.shape[0], device)
 
-        losses = self._layer_losses(outputs, targets, labels, masks, offsets, num_masks)
-        for i, aux_outputs in enumerate(outputs.get("aux_outputs", [])):
-            aux_losses = self._layer_losses(aux_outputs, targets, labels, masks, offsets, num_masks)
-            losses.update({f"{key}_{i}": value for key, value in aux_losses.items()})
+        predictions = [outputs, *outputs.get("aux_outputs", [])]
+        matches = self.matcher.match(predictions, targets)  # every prediction at once: one host round trip
+        losses = {}
+        for i, (prediction, prediction_matches) in enumerate(zip(predictions, matches, strict=True)):
+            suffix = "" if i == 0 else f"_{i - 1}"
+            layer_losses = self._layer_losses(prediction, labels, masks, prediction_matches, num_masks)
+            losses.update({f"{key}{suffix}": value for key, value in layer_losses.items()})
         return losses
 
     def _layer_losses(
         self,
         outputs: Mapping[str, torch.Tensor],
-        targets: Sequence[Mapping[str, torch.Tensor]],
         labels: torch.Tensor,
         masks: torch.Tensor,
-        offsets: torch.Tensor,
+        matches: Matches,
         num_masks: torch.Tensor,
     ) -> dict[str, torch.Tensor]:
-        """Match one decoder layer's prediction and return its weighted losses."""
-        matches = self.matcher(outputs, targets)
-        device = outputs["pred_logits"].device
-        image = torch.cat([torch.full_like(queries, b) for b, (queries, _) in enumerate(matches)]).to(device)
-        query = torch.cat([queries for queries, _ in matches]).to(device)
-        target = torch.cat([offsets[b] + found for b, (_, found) in enumerate(matches)]).to(device)  # into T
-
+        """One prediction's weighted losses, given its matches."""
+        image, query, target = matches.image, matches.query, matches.target
         losses = {"loss_ce": self._class_loss(outputs["pred_logits"].float(), labels, image, query, target)}
-        matched_logits = outputs["pred_masks"][image, query].float()  # (M, h, w)
-        matched_targets = masks[target]  # (M, H, W)
-        losses.update(self._mask_losses(matched_logits, matched_targets, num_masks))
+        matched_logits = selected_mask_logits(outputs, image, query, matches.slot, matches.slots_per_image)
+        losses.update(self._mask_losses(matched_logits.float(), masks[target], num_masks))
         return {key: value * self.weight_dict[key] for key, value in losses.items()}
 
     def _class_loss(

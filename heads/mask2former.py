@@ -16,20 +16,34 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from densepred.layers import MLP, NeckOutput, PositionEmbeddingSine
+from densepred.heads.mask_prediction import MaskPrediction
+from densepred.layers import MLP, NeckOutput, PositionEmbeddingSine, multi_head_attention
 
 
 def masked_attention_mask(mask_logits: torch.Tensor, size: tuple[int, int], num_heads: int) -> torch.Tensor:
     """Mask logits (B, Q, H, W) -> bool attention mask (B * num_heads, Q, h * w) for `nn.MultiheadAttention`.
 
-    The masks are resized (bilinear) to the attended level's `size`; True (blocked) where sigmoid < 0.5,
-    except that a query whose mask is empty at that level is blocked nowhere. Detached: no gradient
-    flows through the mask.
+    The original definition: the masks are resized (bilinear) to the attended level's `size`; True (blocked)
+    where sigmoid < 0.5, except that a query whose mask is empty at that level is blocked nowhere. The head
+    computes the same from the mask embeddings (`attention_mask`).
     """
     mask = F.interpolate(mask_logits.detach(), size=size, mode="bilinear", align_corners=False)
     blocked = mask.sigmoid().flatten(2) < 0.5
     blocked = blocked & ~blocked.all(-1, keepdim=True)
     return blocked.repeat_interleave(num_heads, dim=0)
+
+
+def attention_mask(mask_embeds: torch.Tensor, level_features: torch.Tensor) -> torch.Tensor:
+    """`masked_attention_mask` computed at the attended level, for `multi_head_attention`.
+
+    mask_embeds (B, Q, C); level_features (B, C, h, w), the mask features resized (bilinear) to the level,
+    so that their product with the embeddings equals the resized mask logits. -> bool (B, 1, Q, h * w), True
+    where a query attends (the complement of the blocked positions), shared by the heads. No gradient.
+    """
+    logits = torch.einsum("bqc,bchw->bqhw", mask_embeds.detach(), level_features.to(mask_embeds.dtype)).flatten(2)
+    blocked = logits.sigmoid() < 0.5
+    blocked = blocked & ~blocked.all(-1, keepdim=True)
+    return ~blocked[:, None]
 
 
 class MaskedAttentionDecoderLayer(nn.Module):
@@ -51,17 +65,15 @@ class MaskedAttentionDecoderLayer(nn.Module):
         queries: torch.Tensor,
         query_pos: torch.Tensor,
         memory: torch.Tensor,
-        memory_pos: torch.Tensor,
-        attn_mask: torch.Tensor,
+        memory_key: torch.Tensor,
+        attend: torch.Tensor,
     ) -> torch.Tensor:
-        """queries, query_pos (B, Q, C); memory, memory_pos (B, HW, C); attn_mask bool (B*heads, Q, HW),
-        True where blocked -> (B, Q, C)."""
-        attended = self.cross_attn(
-            queries + query_pos, memory + memory_pos, memory, attn_mask=attn_mask, need_weights=False
-        )[0]
+        """queries, query_pos (B, Q, C); memory (B, HW, C) and memory_key, the memory plus its position
+        embedding; attend bool (B, 1, Q, HW), True where a query attends -> (B, Q, C)."""
+        attended = multi_head_attention(self.cross_attn, queries + query_pos, memory_key, memory, attend)
         queries = self.cross_attn_norm(queries + self.dropout(attended))
-        q = k = queries + query_pos
-        attended = self.self_attn(q, k, queries, need_weights=False)[0]
+        q = queries + query_pos
+        attended = multi_head_attention(self.self_attn, q, q, queries)
         queries = self.self_attn_norm(queries + self.dropout(attended))
         ffn = self.linear2(self.dropout(F.relu(self.linear1(queries))))
         return self.ffn_norm(queries + self.dropout(ffn))
@@ -71,8 +83,10 @@ class Mask2FormerHead(nn.Module):
     """Masked-attention decoder head.
 
     in_channels: channels of the neck's `multi_scale_features` (three maps, coarse to fine); mask_dim:
-    channels of its `mask_features`. forward(NeckOutput) -> {"pred_logits" (B, Q, K+1), "pred_masks"
-    (B, Q, H/4, W/4), "aux_outputs": the num_layers earlier predictions, first to last}.
+    channels of its `mask_features`. forward(NeckOutput) -> the final `MaskPrediction` (`pred_logits`
+    (B, Q, K+1), `pred_mask_embeds` (B, Q, mask_dim), `mask_features` (B, mask_dim, H/4, W/4); reading
+    `pred_masks` (B, Q, H/4, W/4) computes them) with "aux_outputs": the num_layers earlier predictions,
+    first to last. The attention masks come from the mask features resized once to each level.
     """
 
     def __init__(
@@ -122,15 +136,21 @@ class Mask2FormerHead(nn.Module):
                 nn.init.kaiming_uniform_(proj.weight, a=1)
                 nn.init.zeros_(proj.bias)
 
+    def repeated_blocks(self) -> list[nn.Module]:
+        """The decoder layers, the units of activation checkpointing (`utils.checkpointing`)."""
+        return list(self.layers)
+
     def predict(
-        self, queries: torch.Tensor, mask_features: torch.Tensor, mask_size: tuple[int, int]
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """queries (B, Q, C) -> class logits (B, Q, K+1), mask logits (B, Q, H/4, W/4) and the next layer's
-        attention mask at `mask_size` (see `masked_attention_mask`)."""
+        self, queries: torch.Tensor, mask_features: torch.Tensor, level_features: torch.Tensor
+    ) -> tuple[MaskPrediction, torch.Tensor]:
+        """queries (B, Q, C) -> the prediction and the next layer's attention mask at the level of
+        `level_features` (see `attention_mask`)."""
         queries = self.decoder_norm(queries)
-        class_logits = self.class_embed(queries)
-        mask_logits = torch.einsum("bqc,bchw->bqhw", self.mask_embed(queries), mask_features)
-        return class_logits, mask_logits, masked_attention_mask(mask_logits, mask_size, self.num_heads)
+        mask_embeds = self.mask_embed(queries)
+        prediction = MaskPrediction(
+            pred_logits=self.class_embed(queries), pred_mask_embeds=mask_embeds, mask_features=mask_features
+        )
+        return prediction, attention_mask(mask_embeds, level_features)
 
     def forward(self, neck_output: NeckOutput) -> dict[str, Any]:
         """NeckOutput (multi_scale_features coarse to fine, mask_features) -> raw predictions (see class doc)."""
@@ -141,23 +161,26 @@ class Mask2FormerHead(nn.Module):
                 f"Mask2FormerHead expects {self.num_feature_levels} multi_scale_features (strides 32, 16, 8) from "
                 f"the neck, got {len(features)}; use a Mask2Former-style neck such as MSDeformAttnPixelDecoder"
             )
-        memories, memory_pos, sizes = [], [], []
+        memories, memory_keys, level_features = [], [], []
         for i, x in enumerate(features):
-            sizes.append((x.shape[2], x.shape[3]))
-            memory_pos.append(self.position_embedding(x).flatten(2).transpose(1, 2))
-            memory = self.input_proj[i](x).flatten(2) + self.level_embed.weight[i][None, :, None]
-            memories.append(memory.transpose(1, 2))
+            memory = (self.input_proj[i](x).flatten(2) + self.level_embed.weight[i][None, :, None]).transpose(1, 2)
+            memories.append(memory)
+            memory_keys.append(memory + self.position_embedding(x).flatten(2).transpose(1, 2))
+            level_features.append(
+                F.interpolate(mask_features.detach(), size=x.shape[-2:], mode="bilinear", align_corners=False)
+            )
 
         batch = mask_features.shape[0]
         queries = self.query_feat.weight[None].expand(batch, -1, -1)
         query_pos = self.query_embed.weight[None].expand(batch, -1, -1)
 
-        class_logits, mask_logits, attn_mask = self.predict(queries, mask_features, sizes[0])
-        outputs = [{"pred_logits": class_logits, "pred_masks": mask_logits}]
+        prediction, attend = self.predict(queries, mask_features, level_features[0])
+        predictions = [prediction]
         for i, layer in enumerate(self.layers):
             level = i % self.num_feature_levels
-            queries = layer(queries, query_pos, memories[level], memory_pos[level], attn_mask)
-            next_size = sizes[(i + 1) % self.num_feature_levels]
-            class_logits, mask_logits, attn_mask = self.predict(queries, mask_features, next_size)
-            outputs.append({"pred_logits": class_logits, "pred_masks": mask_logits})
-        return {**outputs[-1], "aux_outputs": outputs[:-1]}
+            queries = layer(queries, query_pos, memories[level], memory_keys[level], attend)
+            prediction, attend = self.predict(queries, mask_features, level_features[(i + 1) % self.num_feature_levels])
+            predictions.append(prediction)
+        final = predictions[-1]
+        final["aux_outputs"] = predictions[:-1]
+        return final

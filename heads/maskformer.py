@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from densepred.heads.mask_prediction import MaskPrediction
 from densepred.layers import MLP, NeckOutput, PositionEmbeddingSine
 
 
@@ -73,8 +74,9 @@ class MaskFormerHead(nn.Module):
 
     in: NeckOutput with mask_features (B, mask_dim, H/4, W/4) and multi_scale_features[0], the decoder's
     input map (B, in_channels, h, w) (the coarsest backbone map or the pixel-decoder encoder output).
-    out: {"pred_logits": (B, Q, K+1), "pred_masks": (B, Q, H/4, W/4), "aux_outputs": the same for decoder
-    layers 1 .. L-1, first layer first}.
+    out: the last decoder layer's `MaskPrediction` (`pred_logits` (B, Q, K+1), `pred_mask_embeds` (B, Q,
+    mask_dim), `mask_features`; `pred_masks` (B, Q, H/4, W/4) computed when read), with "aux_outputs": the
+    same for decoder layers 1 .. L-1, first layer first.
     """
 
     def __init__(
@@ -108,13 +110,21 @@ class MaskFormerHead(nn.Module):
         self.class_embed = nn.Linear(hidden_dim, num_classes + 1)
         self.mask_embed = MLP(hidden_dim, hidden_dim, mask_dim, 3)
 
+    def repeated_blocks(self) -> list[nn.Module]:
+        """The decoder layers, the units of activation checkpointing (`utils.checkpointing`)."""
+        return list(self.decoder.layers)
+
     def forward(self, neck_output: NeckOutput) -> dict[str, Any]:
         x = self.input_proj(neck_output.multi_scale_features[0])
         pos = self.position_embedding(x).flatten(2).transpose(1, 2)
         memory = x.flatten(2).transpose(1, 2)
         query_pos = self.query_embed.weight[None].expand(x.shape[0], -1, -1)
         hidden = self.decoder(torch.zeros_like(query_pos), memory, pos, query_pos)  # (L, B, Q, C)
-        logits = self.class_embed(hidden)
-        masks = torch.einsum("lbqc,bchw->lbqhw", self.mask_embed(hidden), neck_output.mask_features)
-        aux = [{"pred_logits": a, "pred_masks": b} for a, b in zip(logits[:-1], masks[:-1], strict=True)]
-        return {"pred_logits": logits[-1], "pred_masks": masks[-1], "aux_outputs": aux}
+        logits, embeds = self.class_embed(hidden), self.mask_embed(hidden)
+        predictions = [
+            MaskPrediction(pred_logits=a, pred_mask_embeds=b, mask_features=neck_output.mask_features)
+            for a, b in zip(logits, embeds, strict=True)
+        ]
+        final = predictions[-1]
+        final["aux_outputs"] = predictions[:-1]
+        return final

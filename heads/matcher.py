@@ -10,19 +10,25 @@ with p the softmax over K + 1 classes. Mask costs are
 - "full" (MaskFormer): mean sigmoid focal loss and dice over all pixels of the prediction grid, targets
   resized to it with nearest interpolation (as the original, to save memory).
 
-Costs for the whole batch are computed on the device in one go (targets padded per image); the cost tensor
-then makes the one trip to the host that scipy's `linear_sum_assignment` needs, one solve per image.
+Costs for the whole batch, and for all of its predictions (final and auxiliary), are computed on the device
+(targets padded per image); the cost tensor then makes the one trip to the host that scipy's
+`linear_sum_assignment` needs, one solve per (prediction, image), and the assignments go back in one
+asynchronous copy (`HungarianMatcher.match`).
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from torch import nn
 
+from densepred.heads.mask_prediction import full_mask_logits, mask_logits_at_points
 from densepred.heads.point_sampling import point_sample
 
 MASK_LOSSES = ("point", "full")
@@ -33,6 +39,9 @@ def check_mask_loss(mask_loss: str, owner: str) -> None:
     if mask_loss not in MASK_LOSSES:
         raise ValueError(f"{owner} mask_loss must be one of {MASK_LOSSES}, got {mask_loss!r}.")
 
+
+# The mask tensors a prediction may hold (`heads.mask_prediction`).
+MASK_KEYS = ("pred_masks", "pred_mask_embeds", "mask_features")
 
 # Mask and class logits are clamped to this range before costing: +-inf would give inf * 0 = NaN in the
 # pair-wise sums, while sigmoid / softmax are already saturated far below it.
@@ -46,7 +55,7 @@ def batch_sigmoid_ce_cost(logits: torch.Tensor, targets: torch.Tensor) -> torch.
     """
     num_points = logits.shape[-1]
     pos = F.softplus(-logits)  # -log(sigmoid(x)): cost of a point whose target is 1
-    neg = F.softplus(logits)  # -log(1 - sigmoid(x)): cost of a point whose target is 0
+    neg = pos + logits  # -log(1 - sigmoid(x)) = softplus(x) = softplus(-x) + x: cost of a point whose target is 0
     cost = pos @ targets.transpose(1, 2) + neg @ (1 - targets).transpose(1, 2)
     return cost / num_points
 
@@ -113,46 +122,43 @@ class HungarianMatcher(nn.Module):
     ) -> torch.Tensor:
         """Matching cost of every query against every target of its image.
 
-        outputs: `pred_logits` (B, Q, K+1), `pred_masks` (B, Q, h, w). targets: one dict per image with
-        `labels` (N_b,) and `masks` (N_b, H, W), the same H, W for all images. Returns (B, Q, max N_b) on
-        the predictions' device, float32 (autocast off, as the original); columns past N_b are padding.
+        outputs: a prediction (`heads.mask_prediction`): `pred_logits` (B, Q, K+1) and `pred_masks` (B, Q, h, w)
+        or the mask embeddings and features they come from. targets: one dict per image with `labels` (N_b,)
+        and `masks` (N_b, H, W), the same H, W for all images. Returns (B, Q, max N_b) on the predictions'
+        device, float32 (autocast off, as the original); columns past N_b are padding.
         """
-        with torch.autocast(outputs["pred_logits"].device.type, enabled=False):
-            return self._cost_matrix(outputs, targets)
+        return self.cost_matrices([outputs], targets)[0]
 
-    def _cost_matrix(
-        self, outputs: Mapping[str, torch.Tensor], targets: Sequence[Mapping[str, torch.Tensor]]
+    @torch.no_grad()
+    def cost_matrices(
+        self, predictions: Sequence[Mapping[str, torch.Tensor]], targets: Sequence[Mapping[str, torch.Tensor]]
     ) -> torch.Tensor:
-        pred_logits = outputs["pred_logits"].float().clamp(-LOGIT_LIMIT, LOGIT_LIMIT)
-        pred_masks = outputs["pred_masks"].float().clamp(-LOGIT_LIMIT, LOGIT_LIMIT)
+        """`cost_matrix` of several predictions of the same batch (the final and auxiliary ones) ->
+        (num_predictions, B, Q, max N_b); the targets' layout and point values are built once."""
+        with torch.autocast(predictions[0]["pred_logits"].device.type, enabled=False):
+            layout = _TargetLayout(targets, predictions[0]["pred_logits"])
+            return torch.stack([self._cost_matrix(prediction, layout) for prediction in predictions])
+
+    def _cost_matrix(self, prediction: Mapping[str, torch.Tensor], layout: _TargetLayout) -> torch.Tensor:
+        pred_logits = prediction["pred_logits"].float().clamp(-LOGIT_LIMIT, LOGIT_LIMIT)
         batch_size, num_queries = pred_logits.shape[:2]
-        sizes = _check_targets(targets, batch_size)
-        max_targets = max(sizes, default=0)
-        device = pred_logits.device
-        if max_targets == 0:
+        if layout.max_targets == 0:
             return pred_logits.new_zeros(batch_size, num_queries, 0)
-
-        # Every target of the batch in one tensor; (image, slot) places it in the padded (B, max N) layout.
-        image = torch.repeat_interleave(torch.arange(batch_size), torch.tensor(sizes)).to(device)
-        slot = torch.cat([torch.arange(n) for n in sizes]).to(device)
-        labels = torch.cat([t["labels"] for t in targets]).to(device)
-        masks = torch.cat([t["masks"] for t in targets]).to(device)  # (T, H, W)
-
-        padded_labels = torch.zeros(batch_size, max_targets, dtype=torch.long, device=device)
-        padded_labels[image, slot] = labels
         probs = pred_logits.softmax(-1)
-        cost_class = -probs.gather(2, padded_labels[:, None, :].expand(-1, num_queries, -1))
+        cost_class = -probs.gather(2, layout.padded_labels[:, None, :].expand(-1, num_queries, -1))
 
         if self.mask_loss == "point":
-            points = torch.rand(batch_size, self.num_points, 2, device=device)  # shared by all masks of an image
-            pred_values = point_sample(pred_masks, points)  # (B, Q, P)
-            target_values = point_sample(masks[:, None].float(), points[image])[:, 0]  # (T, P)
+            points = torch.rand(batch_size, self.num_points, 2, device=pred_logits.device)  # shared by an image's masks
+            pred_values = mask_logits_at_points(_float(prediction), points)  # (B, Q, P)
+            target_values = point_sample(layout.float_masks, points[layout.image])[:, 0]  # (T, P)
         else:
+            pred_masks = full_mask_logits(_float(prediction))
             pred_values = pred_masks.flatten(2)  # (B, Q, h*w)
-            small = F.interpolate(masks[:, None].to(torch.uint8), size=pred_masks.shape[-2:], mode="nearest")
+            small = F.interpolate(layout.masks[:, None].to(torch.uint8), size=pred_masks.shape[-2:], mode="nearest")
             target_values = small.flatten(1).float()  # (T, h*w)
-        padded_targets = pred_values.new_zeros(batch_size, max_targets, pred_values.shape[-1])
-        padded_targets[image, slot] = target_values
+        pred_values = pred_values.clamp(-LOGIT_LIMIT, LOGIT_LIMIT)
+        padded_targets = pred_values.new_zeros(batch_size, layout.max_targets, pred_values.shape[-1])
+        padded_targets[layout.image, layout.slot] = target_values
 
         if self.mask_loss == "point":
             cost_mask = batch_sigmoid_ce_cost(pred_values, padded_targets)
@@ -160,6 +166,40 @@ class HungarianMatcher(nn.Module):
             cost_mask = batch_sigmoid_focal_cost(pred_values, padded_targets, self.focal_alpha, self.focal_gamma)
         cost_dice = batch_dice_cost(pred_values, padded_targets)
         return self.cost_class * cost_class + self.cost_mask * cost_mask + self.cost_dice * cost_dice
+
+    @torch.no_grad()
+    def match(
+        self, predictions: Sequence[Mapping[str, torch.Tensor]], targets: Sequence[Mapping[str, torch.Tensor]]
+    ) -> list[Matches]:
+        """Match the queries of every prediction (final and auxiliary) of a batch to its targets.
+
+        The cost matrices of all predictions are computed on the device and copied to the host together (the
+        one synchronisation of a training step), solved there, and the assignments go back to the device in
+        one asynchronous copy. Returns one `Matches` per prediction.
+        """
+        costs = self.cost_matrices(predictions, targets).cpu()  # the one device -> host copy
+        sizes = [len(t["labels"]) for t in targets]
+        per_image = min(costs.shape[2], max(sizes, default=0))  # pairs per image at most: min(Q, max N_b)
+        first_target = [0, *itertools.accumulate(sizes)][:-1]
+        packed = []
+        for index in range(costs.shape[0]):
+            pairs = []
+            for image, (query, target) in enumerate(_assign(costs[index], sizes, index)):
+                pairs.append(
+                    np.stack(
+                        [
+                            np.full_like(query, image),
+                            query,
+                            first_target[image] + target,
+                            image * per_image + np.arange(len(query)),
+                        ]
+                    )
+                )
+            packed.append(np.concatenate(pairs, axis=1) if pairs else np.zeros((4, 0), dtype=np.int64))
+        device = predictions[0]["pred_logits"].device
+        # host -> device without waiting: the copy is queued behind the work already on the device
+        indices = torch.from_numpy(np.stack(packed).astype(np.int64)).to(device, non_blocking=True)
+        return [Matches(*layer, slots_per_image=per_image) for layer in indices.unbind(0)]
 
     @torch.no_grad()
     def forward(
@@ -172,20 +212,72 @@ class HungarianMatcher(nn.Module):
         Infinite logits are clamped to +-1e4 before costing; NaN predictions raise a ValueError.
         """
         costs = self.cost_matrix(outputs, targets).cpu()  # the one device -> host copy
-        matches = []
-        for image, target in enumerate(targets):
-            cost = costs[image, :, : len(target["labels"])]
-            if not torch.isfinite(cost).all():
-                raise ValueError(
-                    f"HungarianMatcher: the matching cost of image {image} in the batch is NaN, so the model's "
-                    "predictions (pred_logits / pred_masks) contain NaN: training has diverged. Lower the "
-                    "learning rate, enable gradient clipping (trainer.gradient_clip_val) or check the inputs."
-                )
-            query_indices, target_indices = linear_sum_assignment(cost.numpy())
-            matches.append(
-                (torch.as_tensor(query_indices, dtype=torch.int64), torch.as_tensor(target_indices, dtype=torch.int64))
+        sizes = [len(t["labels"]) for t in targets]
+        return [(torch.from_numpy(q), torch.from_numpy(t)) for q, t in _assign(costs, sizes, None)]
+
+
+@dataclass(frozen=True)
+class Matches:
+    """The query-target pairs of one prediction, as (M,) int64 tensors on the predictions' device.
+
+    image / query: the matched query; target: its target's index among the batch's targets concatenated in
+    image order; slot: the pair's place `image * slots_per_image + k` in a (B, slots_per_image) layout (k
+    counts the image's pairs), which `selected_mask_logits` uses. Pairs are in image order, then query order.
+    """
+
+    image: torch.Tensor
+    query: torch.Tensor
+    target: torch.Tensor
+    slot: torch.Tensor
+    slots_per_image: int
+
+
+def _float(prediction: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The prediction's mask tensors in float32, full logits clamped to +-LOGIT_LIMIT (a plain dict, so
+    nothing is cached on the caller's prediction)."""
+    tensors = {
+        key: dict.__getitem__(prediction, key).float() for key in MASK_KEYS if dict.__contains__(prediction, key)
+    }
+    if "pred_masks" in tensors:
+        tensors["pred_masks"] = tensors["pred_masks"].clamp(-LOGIT_LIMIT, LOGIT_LIMIT)
+    return tensors
+
+
+class _TargetLayout:
+    """A batch's targets on the device, once for all predictions: every target in one tensor, and the
+    (image, slot) place of each in the padded (B, max N_b) layout."""
+
+    def __init__(self, targets: Sequence[Mapping[str, torch.Tensor]], like: torch.Tensor) -> None:
+        sizes = _check_targets(targets, like.shape[0])
+        self.max_targets = max(sizes, default=0)
+        device = like.device
+        # built on the host from Python sizes; non_blocking: queued, not a synchronisation
+        self.image = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes)).to(
+            device, non_blocking=True
+        )
+        self.slot = torch.cat([torch.arange(n) for n in sizes]).to(device, non_blocking=True)
+        labels = torch.cat([t["labels"] for t in targets]).to(device)
+        self.masks = torch.cat([t["masks"] for t in targets]).to(device)  # (T, H, W)
+        self.float_masks = self.masks[:, None].float()  # (T, 1, H, W)
+        self.padded_labels = torch.zeros(len(sizes), self.max_targets, dtype=torch.long, device=device)
+        self.padded_labels[self.image, self.slot] = labels
+
+
+def _assign(costs: torch.Tensor, sizes: Sequence[int], prediction: int | None) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Solve each image's assignment of (B, Q, max N) host costs -> (query, target) int64 arrays per image."""
+    matches = []
+    for image, size in enumerate(sizes):
+        cost = costs[image, :, :size]
+        if not torch.isfinite(cost).all():
+            which = "" if prediction is None else f" (prediction {prediction}: 0 is the final, i the auxiliary i-1)"
+            raise ValueError(
+                f"HungarianMatcher: the matching cost of image {image} in the batch{which} is NaN, so the model's "
+                "predictions (pred_logits / pred_masks) contain NaN: training has diverged. Lower the "
+                "learning rate, enable gradient clipping (trainer.gradient_clip_val) or check the inputs."
             )
-        return matches
+        query, target = linear_sum_assignment(cost.numpy())
+        matches.append((query.astype(np.int64), target.astype(np.int64)))
+    return matches
 
 
 def _check_targets(targets: Sequence[Mapping[str, torch.Tensor]], batch_size: int) -> list[int]:

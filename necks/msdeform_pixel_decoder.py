@@ -30,7 +30,7 @@ class MSDeformAttnEncoderLayer(nn.Module):
         num_levels: int = 3,
         num_heads: int = 8,
         num_points: int = 4,
-        implementation: str = "pytorch",
+        implementation: str = "auto",
     ) -> None:
         super().__init__()
         self.self_attn = MSDeformAttn(embed_dim, num_levels, num_heads, num_points, implementation)
@@ -96,7 +96,7 @@ class MSDeformAttnPixelDecoder(nn.Module):
         dropout: float = 0.0,
         num_groups: int = 32,
         common_stride: int = 4,
-        implementation: str = "pytorch",
+        implementation: str = "auto",
     ) -> None:
         super().__init__()
         in_channels, in_strides = list(in_channels), list(in_strides)
@@ -161,6 +161,10 @@ class MSDeformAttnPixelDecoder(nn.Module):
             nn.init.kaiming_uniform_(conv.weight, a=1)
             if conv.bias is not None:
                 nn.init.zeros_(conv.bias)
+
+    def repeated_blocks(self) -> list[nn.Module]:
+        """The deformable encoder layers, the units of activation checkpointing (`utils.checkpointing`)."""
+        return list(self.encoder_layers)
 
     def forward(self, features: list[torch.Tensor]) -> NeckOutput:
         """features: one map per backbone stage, fine to coarse -> NeckOutput (float32)."""

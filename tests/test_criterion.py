@@ -158,11 +158,15 @@ def test_point_criterion_equals_transformers_mask2former_loss_with_the_same_rand
     reference = Mask2FormerLoss(config, weight_dict={})
     ours = SetCriterion(num_classes=4, num_points=3000)
     mask_labels, class_labels = [t["masks"].float() for t in targets], [t["labels"] for t in targets]
-    torch.manual_seed(7)
-    want = reference(outputs["pred_masks"], outputs["pred_logits"], mask_labels, class_labels, _hf_aux(outputs))
-    torch.manual_seed(7)
-    got = ours(outputs, targets)
-    _compare_with_transformers(got, want, ours.weight_dict)
+    # Ours matches every prediction before computing any loss (one host round trip), transformers matches and
+    # computes the losses prediction by prediction: the random draws come in another order. Each prediction
+    # alone draws in the same order on both sides: matcher points, uncertain candidates, random points.
+    for prediction in [outputs, *outputs["aux_outputs"]]:
+        torch.manual_seed(7)
+        want = reference(prediction["pred_masks"], prediction["pred_logits"], mask_labels, class_labels, None)
+        torch.manual_seed(7)
+        got = ours({"pred_logits": prediction["pred_logits"], "pred_masks": prediction["pred_masks"]}, targets)
+        _compare_with_transformers(got, want, ours.weight_dict)
     # and the matched indices of the final layer, with the same matcher draws
     torch.manual_seed(8)
     want_matches = reference.matcher(outputs["pred_masks"], outputs["pred_logits"], mask_labels, class_labels)

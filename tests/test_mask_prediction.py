@@ -1,0 +1,174 @@
+"""Predicting at points, not pixels: every rewritten computation against the full-resolution one it replaces."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from densepred.heads.criterion import SetCriterion
+from densepred.heads.mask2former import attention_mask, masked_attention_mask
+from densepred.heads.mask_prediction import (
+    MaskPrediction,
+    mask_logits,
+    mask_logits_at_points,
+    selected_mask_logits,
+)
+from densepred.heads.matcher import HungarianMatcher
+from densepred.heads.point_sampling import point_sample
+from densepred.layers import multi_head_attention
+
+
+def embeddings(batch=2, queries=6, channels=8, height=12, width=10, seed=0, requires_grad=False):
+    g = torch.Generator().manual_seed(seed)
+    embeds = torch.randn(batch, queries, channels, generator=g)
+    features = torch.randn(batch, channels, height, width, generator=g)
+    return embeds.requires_grad_(requires_grad), features.requires_grad_(requires_grad)
+
+
+@pytest.mark.parametrize("num_points", [50, 500])  # fewer points than pixels (features sampled) and more
+def test_logits_at_points_equal_the_sampled_full_logits(num_points):
+    embeds, features = embeddings()
+    points = torch.rand(2, num_points, 2, generator=torch.Generator().manual_seed(1))
+    prediction = MaskPrediction(pred_logits=None, pred_mask_embeds=embeds, mask_features=features)
+    expected = point_sample(mask_logits(embeds, features), points)
+    torch.testing.assert_close(mask_logits_at_points(prediction, points), expected, atol=1e-5, rtol=1e-5)
+    assert "pred_masks" not in prediction  # nothing full-resolution was kept
+    # a plain dict of full logits is sampled directly
+    plain = {"pred_masks": mask_logits(embeds, features)}
+    torch.testing.assert_close(mask_logits_at_points(plain, points), expected)
+
+
+def test_selected_logits_equal_the_full_logits_of_those_queries():
+    embeds, features = embeddings()
+    image, query = torch.tensor([0, 0, 0, 1]), torch.tensor([1, 4, 5, 2])
+    slot = torch.tensor([0, 1, 2, 3])  # (B, 3) layout: image 0 fills its 3 slots, image 1 its first
+    prediction = MaskPrediction(pred_logits=None, pred_mask_embeds=embeds, mask_features=features)
+    got = selected_mask_logits(prediction, image, query, slot, slots_per_image=3)
+    torch.testing.assert_close(got, mask_logits(embeds, features)[image, query], atol=1e-5, rtol=1e-5)
+
+
+def test_pred_masks_are_computed_when_read_and_no_grad_copies_are_not_kept():
+    embeds, features = embeddings(requires_grad=True)
+    prediction = MaskPrediction(pred_logits=None, pred_mask_embeds=embeds, mask_features=features)
+    with torch.no_grad():
+        detached = prediction["pred_masks"]
+    assert not detached.requires_grad and "pred_masks" not in prediction
+    masks = prediction["pred_masks"]
+    assert masks.requires_grad and prediction["pred_masks"] is masks
+    torch.testing.assert_close(masks, torch.einsum("bqc,bchw->bqhw", embeds, features))
+    with pytest.raises(KeyError):
+        prediction["other"]
+
+
+def test_attention_mask_from_resized_features_equals_the_original_definition():
+    embeds, features = embeddings(height=24, width=20, channels=4)
+    full = mask_logits(embeds, features)
+    for size in [(3, 5), (6, 5), (12, 10)]:
+        resized = F.interpolate(features, size=size, mode="bilinear", align_corners=False)
+        attend = attention_mask(embeds, resized)  # (B, 1, Q, h*w)
+        blocked = masked_attention_mask(full, size, num_heads=2)[::2]  # (B, Q, h*w): one copy per head
+        resized_logits = F.interpolate(full, size=size, mode="bilinear", align_corners=False).flatten(2)
+        decided = resized_logits.abs() > 1e-5  # away from the threshold, rounding cannot flip a position
+        assert attend.shape == (2, 1, 6, size[0] * size[1])
+        assert torch.equal(attend[:, 0][decided], ~blocked[decided])
+        assert blocked.any() and not blocked.all()
+    # a query whose mask is empty at the level attends everywhere
+    empty = torch.zeros(1, 1, 4)
+    empty[..., 0] = -1.0
+    assert attention_mask(empty, torch.ones(1, 4, 2, 2)).all()
+
+
+def test_multi_head_attention_equals_nn_multihead_attention_with_per_head_masks():
+    torch.manual_seed(0)
+    attn = nn.MultiheadAttention(16, 4, batch_first=True)
+    query, memory = torch.randn(2, 5, 16, requires_grad=True), torch.randn(2, 7, 16, requires_grad=True)
+    attend = torch.rand(2, 1, 5, 7) > 0.4
+    attend[..., 0] = True  # every query attends somewhere
+    results = []
+    for fused in (False, True):
+        if fused:
+            cross = multi_head_attention(attn, query, memory, memory, attend)
+            self_attn = multi_head_attention(attn, query, query, query)
+        else:
+            mask = ~attend[:, 0].repeat_interleave(4, dim=0)
+            cross = attn(query, memory, memory, attn_mask=mask, need_weights=False)[0]
+            self_attn = attn(query, query, query, need_weights=False)[0]
+        loss = (cross.sin() + self_attn.cos()).sum()
+        results.append((cross, self_attn, *torch.autograd.grad(loss, [query, memory, attn.in_proj_weight])))
+    for want, got in zip(*results, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def batch_and_targets(seed=0, num_aux=2, queries=6, channels=8, classes=4):
+    g = torch.Generator().manual_seed(seed)
+
+    def layer():
+        embeds = torch.randn(2, queries, channels, generator=g).requires_grad_()
+        return torch.randn(2, queries, classes + 1, generator=g).requires_grad_(), embeds
+
+    features = torch.randn(2, channels, 16, 16, generator=g).requires_grad_()
+    layers = [layer() for _ in range(num_aux + 1)]
+    targets = []
+    for n in (3, 2):
+        masks = torch.zeros(n, 64, 64, dtype=torch.bool)
+        for i in range(n):
+            y, x = torch.randint(0, 44, (2,), generator=g).tolist()
+            masks[i, y : y + 20, x : x + 16] = True
+        targets.append({"labels": torch.randint(0, classes, (n,), generator=g), "masks": masks})
+    return layers, features, targets
+
+
+def as_outputs(layers, features, full: bool):
+    def one(logits, embeds):
+        if full:
+            return {"pred_logits": logits, "pred_masks": torch.einsum("bqc,bchw->bqhw", embeds, features)}
+        return MaskPrediction(pred_logits=logits, pred_mask_embeds=embeds, mask_features=features)
+
+    predictions = [one(*layer) for layer in layers]
+    final = predictions[-1]
+    final["aux_outputs"] = predictions[:-1]
+    return final
+
+
+@pytest.mark.parametrize("mask_loss", ["point", "full"])
+def test_losses_matches_and_gradients_at_points_equal_those_of_full_logits(mask_loss):
+    layers, features, targets = batch_and_targets()
+    criterion = SetCriterion(num_classes=4, mask_loss=mask_loss, num_points=200)
+    leaves = [features, *(t for layer in layers for t in layer)]
+    results = []
+    for full in (True, False):
+        outputs = as_outputs(layers, features, full)
+        torch.manual_seed(3)
+        losses = criterion(outputs, targets)
+        grads = torch.autograd.grad(sum(losses.values()), leaves)
+        results.append((losses, grads))
+    (want_losses, want_grads), (got_losses, got_grads) = results
+    assert list(got_losses) == list(want_losses) and len(got_losses) == 9
+    for key, value in want_losses.items():
+        torch.testing.assert_close(got_losses[key], value, atol=1e-5, rtol=1e-5)
+    for want, got in zip(want_grads, got_grads, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_one_matching_for_all_predictions_equals_matching_each_alone():
+    layers, features, targets = batch_and_targets(seed=1)
+    outputs = as_outputs(layers, features, full=False)
+    predictions = [outputs, *outputs["aux_outputs"]]
+    matcher = HungarianMatcher(num_points=300)
+    torch.manual_seed(5)
+    together = matcher.match(predictions, targets)
+    torch.manual_seed(5)  # the same points: each prediction draws its own, in the same order
+    alone = []
+    for prediction in predictions:
+        full = {"pred_logits": prediction["pred_logits"], "pred_masks": prediction["pred_masks"].detach()}
+        alone.append(matcher(full, targets))
+    for matches, per_image in zip(together, alone, strict=True):
+        image = torch.cat([torch.full_like(q, b) for b, (q, _) in enumerate(per_image)])
+        query = torch.cat([q for q, _ in per_image])
+        target = torch.cat([t + (0 if b == 0 else 3) for b, (_, t) in enumerate(per_image)])  # 3 targets in image 0
+        assert torch.equal(matches.image, image) and torch.equal(matches.query, query)
+        assert torch.equal(matches.target, target)
+        assert matches.slots_per_image == 3
+        assert torch.equal(matches.slot, torch.tensor([0, 1, 2, 3, 4]))
