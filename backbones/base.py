@@ -152,6 +152,10 @@ class Backbone(nn.Module):
         """The modules computing each stage of `stage_names` (used for freezing)."""
         raise NotImplementedError
 
+    def repeated_blocks(self) -> list[nn.Module]:
+        """The stages after the stem, the units of activation checkpointing (`utils.checkpointing`)."""
+        return [module for modules in self.stage_modules()[1:] for module in modules]
+
     def freeze_stages(self, freeze_at: int) -> None:
         """Freeze the stages at positions 0..freeze_at: -1 nothing, 0 the stem, N the stem and stages 1..N.
 

@@ -59,7 +59,9 @@ def build_module(cfg: DictConfig, metadata: Any) -> SegmentationModule:
         optimizer=container(cfg.optimizer),
         scheduler=container(cfg.scheduler),
         postprocess=container(cfg.postprocess),
-        compile_backbone=bool(cfg.compile_backbone),
+        compile=cfg.compile,
+        channels_last=bool(cfg.channels_last),
+        activation_checkpointing=list(cfg.activation_checkpointing or []),
         output_dir=str(cfg.paths.output_dir),
     )
     if cfg.get("init_from"):

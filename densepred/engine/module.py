@@ -21,9 +21,15 @@ from densepred.engine.schedules import build_scheduler
 from densepred.engine.trust import check_model_config, load_checkpoint_file
 from densepred.evaluation.build import EVALUATIONS, build_evaluators
 from densepred.segmenter import Segmenter
+from densepred.utils.checkpointing import enable_activation_checkpointing
 from densepred.utils.io import atomic_write_json
 
 log = logging.getLogger(__name__)
+
+# `activation_checkpointing`: the parts whose repeated blocks (backbone stages, encoder layers, decoder
+# layers) can be checkpointed; `compile`: what torch.compile compiles.
+CHECKPOINTABLE = ("backbone", "neck", "head")
+COMPILE_CHOICES = (False, True, "backbone")
 
 
 class SegmentationModule(LightningModule):
@@ -45,7 +51,9 @@ class SegmentationModule(LightningModule):
         scheduler: Mapping[str, Any] | None = None,
         postprocess: Mapping[str, Any] | None = None,
         evaluations: Sequence[str] | None = None,
-        compile_backbone: bool = False,
+        compile: bool | str = False,
+        channels_last: bool = False,
+        activation_checkpointing: Sequence[str] = (),
         output_dir: str | None = None,
     ) -> None:
         super().__init__()
@@ -56,8 +64,22 @@ class SegmentationModule(LightningModule):
         self.metadata = dict(metadata)
         num_classes = int(self.metadata["num_classes"])
         self.model = Segmenter.from_config({**model, "num_classes": num_classes})
-        if compile_backbone:
+        self.channels_last = bool(channels_last)
+        if self.channels_last:  # NHWC convolutions (faster for convolutional backbones, on GPUs above all)
+            self.model.backbone.to(memory_format=torch.channels_last)
+        for part in activation_checkpointing:
+            if part not in CHECKPOINTABLE or not hasattr(getattr(self.model, part), "repeated_blocks"):
+                raise ValueError(
+                    f"activation_checkpointing={list(activation_checkpointing)}: {part!r} is not a part with "
+                    f"repeated blocks; choose from {list(CHECKPOINTABLE)} (a neck without an encoder has none)"
+                )
+            enable_activation_checkpointing(getattr(self.model, part).repeated_blocks())
+        if compile not in COMPILE_CHOICES:
+            raise ValueError(f"compile={compile!r}: choose false, true (the whole model) or 'backbone'")
+        if compile == "backbone":
             self.model.backbone.compile()
+        elif compile:
+            self.model.compile()
         self.criterion = instantiate(dict(criterion), num_classes=num_classes)
         self.postprocess = self._build_postprocessor(dict(postprocess or {}))
         self.evaluations = tuple(evaluations) if evaluations is not None else EVALUATIONS[task]
@@ -119,7 +141,10 @@ class SegmentationModule(LightningModule):
 
     def _outputs(self, batch: Mapping[str, Any]) -> dict[str, Any]:
         """Raw head outputs for a collated batch: its raw images normalised by the model, padding zeroed."""
-        return self.model(self.model.preprocess(batch["images"], batch["image_sizes"]))
+        pixel_values = self.model.preprocess(batch["images"], batch["image_sizes"])
+        if self.channels_last:
+            pixel_values = pixel_values.contiguous(memory_format=torch.channels_last)
+        return self.model(pixel_values)
 
     @torch.no_grad()
     def predict(self, batch: Mapping[str, Any]) -> list[dict[str, Any]]:

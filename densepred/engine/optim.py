@@ -118,9 +118,14 @@ def build_adamw(
     weight_decay_embed: float = 0.0,
     no_decay_keywords: Sequence[str] = NO_DECAY_KEYWORDS,
     layer_decay: float | None = None,
+    fused: bool | None = None,
 ) -> torch.optim.AdamW:
     """AdamW over `param_groups(...)` (Mask2Former: lr 1e-4, weight decay 0.05, backbone x 0.1; a ViT backbone's
-    `layer_decay` replaces the backbone multiplier by layer-wise decay)."""
+    `layer_decay` replaces the backbone multiplier by layer-wise decay).
+
+    `fused`: PyTorch's fused AdamW kernel (the same update, one kernel for all parameters: 4-5x faster steps
+    on CPU); None uses it when every parameter is a floating-point tensor on CPU or CUDA.
+    """
     groups = param_groups(
         model,
         lr,
@@ -131,4 +136,7 @@ def build_adamw(
         no_decay_keywords,
         layer_decay=layer_decay,
     )
-    return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay, betas=tuple(betas))
+    if fused is None:
+        params = [p for group in groups for p in group["params"]]
+        fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+    return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay, betas=tuple(betas), fused=fused)
