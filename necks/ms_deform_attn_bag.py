@@ -28,6 +28,34 @@ import torch.nn.functional as F
 _CORNERS = ((0, 0), (0, 1), (1, 0), (1, 1))
 
 
+class _CornerWeights(torch.autograd.Function):
+    """Bilinear corner weights times the point weight, in `_CORNERS` order, with a hand-written backward.
+
+    fx, fy (...,): fractional pixel offsets in [0, 1); point (...,): attention weight of the point ->
+    (..., 4): (1-fy)(1-fx), (1-fy)fx, fy(1-fx), fy fx, each times `point` (autograd's broadcasting version
+    spends its backward in reductions over the corner dimensions).
+    """
+
+    @staticmethod
+    def forward(ctx, fx: torch.Tensor, fy: torch.Tensor, point: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(fx, fy, point)
+        low_x, low_y = 1 - fx, 1 - fy
+        top, bottom = low_y * point, fy * point
+        return torch.stack([top * low_x, top * fx, bottom * low_x, bottom * fx], -1)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        fx, fy, point = ctx.saved_tensors
+        g00, g01, g10, g11 = grad.unbind(-1)
+        low_x, low_y = 1 - fx, 1 - fy
+        top = low_x * g00 + fx * g01  # d/d(top row weight)
+        bottom = low_x * g10 + fx * g11
+        grad_fx = point * (low_y * (g01 - g00) + fy * (g11 - g10))
+        grad_fy = point * (bottom - top)
+        grad_point = low_y * top + fy * bottom
+        return grad_fx, grad_fy, grad_point
+
+
 class _BagSum(torch.autograd.Function):
     """out[n] = sum_k weights[n, k] * table[rows[n, k]] with the transposed product as the table's gradient.
 
@@ -114,9 +142,8 @@ def ms_deform_attn_bag(
     top_left = block + layout[..., 0] + row * stride + column  # (B, Q, heads, L, P)
     corner_offsets = torch.stack([torch.zeros_like(stride), torch.ones_like(stride), stride, stride + 1], -1)
     rows = top_left[..., None] + corner_offsets  # (B, Q, heads, L, P, 4) in `_CORNERS` order
-    wx, wy = torch.stack([1 - frac, frac], -1).unbind(-2)  # (B, Q, heads, L, P, 2) each: (low, high) corner
-    point_weights = (attention_weights * inside)[..., None, None]
-    weights = (wy[..., :, None] * wx[..., None, :] * point_weights).flatten(-2)  # (B, Q, heads, L, P, 4)
+    fx, fy = frac.unbind(-1)
+    weights = _CornerWeights.apply(fx, fy, attention_weights * inside)  # (B, Q, heads, L, P, 4)
     # bags (B * Q * heads, levels * points, 4)
     rows = rows.view(batch * num_queries * num_heads, num_levels * num_points, 4)
     weights = weights.view(batch * num_queries * num_heads, num_levels * num_points, 4)
