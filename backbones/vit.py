@@ -8,7 +8,7 @@ transformers' option of that name).
 
 The model is timm's (`timm.create_model(model_name, **timm_kwargs)`; state-dict layout `vit.<timm name>`).
 The blocks run here one by one: the embeddings are a stage, only the blocks up to the last selected one
-run, and each block can be activation-checkpointed (`grad_checkpointing`). Any input size: the input is
+run, and each block is a stage (`activation_checkpointing=[backbone]` recomputes it). Any input size: the input is
 zero-padded bottom/right to a multiple of the patch size, the absolute position embeddings are resampled
 to the grid bicubically, without antialiasing as DINOv2 does, or with it (`pos_embed_antialias=True`, the
 default of the DINOv2-with-registers models, as their release and transformers do, and timm's
@@ -34,7 +34,6 @@ from timm.models import model_entrypoint, split_model_name_tag
 from timm.models.eva import Eva
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from ._registry import register_backbone, register_class
 from .base import Backbone
@@ -75,7 +74,6 @@ class ViTBackbone(Backbone):
         layer_decay: float = 1.0,
         drop_path_rate: float = 0.0,
         freeze_at: int = -1,
-        grad_checkpointing: bool = False,
         pos_embed_antialias: bool = False,
         in_channels: int = 3,
         **timm_kwargs: Any,
@@ -125,7 +123,6 @@ class ViTBackbone(Backbone):
             layer_decay=layer_decay,
             drop_path_rate=drop_path_rate,
             freeze_at=freeze_at,
-            grad_checkpointing=grad_checkpointing,
             pos_embed_antialias=pos_embed_antialias,
             in_channels=in_channels,
             **timm_kwargs,
@@ -134,7 +131,6 @@ class ViTBackbone(Backbone):
         self.patch_size = patch[0]
         self.apply_layernorm = apply_layernorm
         self.layer_decay = layer_decay
-        self.grad_checkpointing = grad_checkpointing
         self.pos_embed_antialias = pos_embed_antialias
         self.pyramid = SimpleFeaturePyramid(vit.embed_dim, patch[0], **pyramid) if pyramid else None
         if not apply_layernorm:  # the final norm is then unused: kept for loading, not trained (DDP needs that)
@@ -251,10 +247,7 @@ class ViTBackbone(Backbone):
         block_kwargs = {"rope": rope} if isinstance(self.vit, Eva) else {}
         maps = [self._map(tokens, grid)] if 0 in positions else []
         for position, block in enumerate(self.vit.blocks[: positions[-1]], start=1):
-            if self.grad_checkpointing and torch.is_grad_enabled():
-                tokens = checkpoint(block, tokens, use_reentrant=False, **block_kwargs)
-            else:
-                tokens = block(tokens, **block_kwargs)
+            tokens = block(tokens, **block_kwargs)
             if position in positions:
                 maps.append(self._map(tokens, grid))
         if self.pyramid is None:

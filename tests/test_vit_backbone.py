@@ -17,6 +17,7 @@ from torch import nn
 
 from densepred.backbones import AutoBackbone, ViTBackbone
 from densepred.engine.optim import param_groups
+from densepred.utils.checkpointing import enable_activation_checkpointing
 
 SIZES = [(224, 224), (200, 333)]  # square, and odd sizes that are no multiple of 14 or 16
 # Tiny timm architectures of each kind: plain, registers (no_embed_class), RoPE without / with absolute embeddings.
@@ -269,7 +270,9 @@ def test_activation_checkpointing_gives_the_same_gradients():
     x = torch.randn(1, 3, 60, 90)
     grads = []
     for checkpointing in (False, True):
-        model = tiny_vit("eva02", out_indices=[2, 4], grad_checkpointing=checkpointing).train()
+        model = tiny_vit("eva02", out_indices=[2, 4]).train()
+        if checkpointing:  # every block (rotary embeddings passed as a keyword) recomputed in backward
+            assert enable_activation_checkpointing(model.repeated_blocks()) == 4
         sum(m.square().mean() for m in model(x).feature_maps).backward()
         grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
     assert grads[0].keys() == grads[1].keys()
