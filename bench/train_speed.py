@@ -73,6 +73,7 @@ from transformers import Mask2FormerForUniversalSegmentation
 from densepred.engine.optim import build_adamw
 from densepred.heads.criterion import SetCriterion
 from densepred.segmenter import Segmenter
+from densepred.utils.checkpointing import enable_activation_checkpointing
 
 MODELS = {"r50": "m2f-r50", "swin": "m2f-swin"}  # --models name -> model_speed.MODELS key
 MASKS_PER_IMAGE = 20
@@ -111,8 +112,13 @@ def synthetic_batch(segmenter: Segmenter, batch: int, height: int, width: int, d
     }
 
 
-def ours_step(segmenter: Segmenter, data: dict, device: torch.device, first_loss: list) -> Callable:
-    """Our training step on `pixels`: forward, SetCriterion, backward, AdamW (Mask2Former groups) step."""
+def ours_step(
+    segmenter: Segmenter, data: dict, device: torch.device, first_loss: list, checkpointing: list[str]
+) -> Callable:
+    """Our training step on `pixels`: forward, SetCriterion, backward, AdamW (Mask2Former groups) step, with
+    the repeated blocks of the `checkpointing` parts (backbone, neck, head) activation-checkpointed."""
+    for part in checkpointing:
+        enable_activation_checkpointing(getattr(segmenter, part).repeated_blocks())
     criterion = SetCriterion(num_classes=NUM_CLASSES).to(device)
     optimizer = build_adamw(segmenter, lr=1e-4)
     targets = data["targets"]
@@ -195,7 +201,10 @@ def child(args: argparse.Namespace) -> None:
     data = torch.load(folder / "batch.pt", weights_only=True)
     data = {key: to_device(value, device) for key, value in data.items()}
     first_loss: list = []
-    step = ours_step(model, data, device, first_loss) if args.child == "ours" else hf_step(model, data, first_loss)
+    if args.child == "ours":
+        step = ours_step(model, data, device, first_loss, args.checkpointing)
+    else:
+        step = hf_step(model, data, first_loss)
     autocast = autocast_fn(args, device)
     for _ in range(MEMORY_STEPS):
         with autocast():
@@ -216,7 +225,7 @@ def run_child(args: argparse.Namespace, side: str, name: str, folder: str) -> di
     height, width = args.size
     command = [sys.executable, str(Path(__file__).resolve()), "--child", side, "--models", name, "--folder", folder]
     command += ["--device", args.device, "--size", str(height), str(width), "--batch", str(args.batch)]
-    command += ["--amp", args.amp]
+    command += ["--amp", args.amp, "--checkpointing", *args.checkpointing]
     result = subprocess.run(command, capture_output=True, text=True)
     lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
     if result.returncode != 0 or (side != "prepare" and not lines):
@@ -248,6 +257,10 @@ def main() -> None:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--amp", choices=["none", "bf16"], default="none")
     parser.add_argument("--no-memory", action="store_true", help="CPU: skip the peak-RSS child processes")
+    parser.add_argument(
+        "--checkpointing", nargs="*", default=[], choices=["backbone", "neck", "head"],
+        help="ours: activation-checkpoint these parts' repeated blocks (train.py activation_checkpointing=[...])",
+    )  # fmt: skip
     parser.add_argument("--child", choices=["prepare", "ours", "hf"], help=argparse.SUPPRESS)  # internal
     parser.add_argument("--folder", help=argparse.SUPPRESS)  # internal: the memory children's files
     args = parser.parse_args()
@@ -266,7 +279,8 @@ def main() -> None:
     height, width = args.size
     print(
         f"# Mask2Former training step (forward, loss, backward, AdamW step): batch {args.batch}, "
-        f"{height}x{width}, {args.device} ({where}), amp={args.amp}, median of {args.steps} steps after "
+        f"{height}x{width}, {args.device} ({where}), amp={args.amp}, ours checkpointing {args.checkpointing or 'off'}, "
+        f"median of {args.steps} steps after "
         f"{args.warmup}, torch {torch.__version__}, transformers {transformers.__version__}",
         flush=True,
     )
@@ -289,7 +303,10 @@ def main() -> None:
         ours, reference = (m.to(device).train() for m in build_pair(MODELS[name]))
         data = synthetic_batch(ours, args.batch, height, width, device)
         losses: dict[str, list] = {"ours": [], "hf": []}
-        steps = {"ours": ours_step(ours, data, device, losses["ours"]), "hf": hf_step(reference, data, losses["hf"])}
+        steps = {
+            "ours": ours_step(ours, data, device, losses["ours"], args.checkpointing),
+            "hf": hf_step(reference, data, losses["hf"]),
+        }
         for step in steps.values():  # a first step creates the AdamW state: every step after it is alike
             with autocast():
                 step(data["pixels"])
