@@ -36,6 +36,9 @@ class Backbone(nn.Module):
     """
 
     family: ClassVar[str | None] = None
+    # Whether the backbone is convolutional: its convolutions run faster in channels_last (NHWC) memory format,
+    # which the Segmenter then uses by default.
+    convolutional: ClassVar[bool] = False
     config_target: ClassVar[str | None] = None
 
     def __init__(

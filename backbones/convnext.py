@@ -23,6 +23,7 @@ from .base import Backbone, OutputNorms
 @register_class
 class ConvNeXtBackbone(Backbone):
     family = "convnext"
+    convolutional = True
     config_target = "densepred.backbones.ConvNeXtBackbone"
 
     def __init__(

@@ -27,6 +27,7 @@ BLOCKS = {"basic": BasicBlock, "bottleneck": Bottleneck}
 @register_class
 class ResNetBackbone(Backbone):
     family = "resnet"
+    convolutional = True
     config_target = "densepred.backbones.ResNetBackbone"
 
     def __init__(

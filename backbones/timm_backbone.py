@@ -79,6 +79,11 @@ class TimmBackbone(Backbone):
     family = "timm"
     config_target = "densepred.backbones.TimmBackbone"
 
+    @property
+    def convolutional(self) -> bool:  # type: ignore[override]
+        """True unless the timm model has attention blocks (a CNN such as a ResNet, ConvNeXt, EfficientNet)."""
+        return not any("Attention" in type(module).__name__ for module in self.modules())
+
     def __init__(
         self,
         model_name: str,

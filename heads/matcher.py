@@ -54,9 +54,10 @@ def batch_sigmoid_ce_cost(logits: torch.Tensor, targets: torch.Tensor) -> torch.
     logits: (B, Q, P) mask logits, targets: (B, N, P) in [0, 1]. Returns (B, Q, N).
     """
     num_points = logits.shape[-1]
-    pos = F.softplus(-logits)  # -log(sigmoid(x)): cost of a point whose target is 1
-    neg = pos + logits  # -log(1 - sigmoid(x)) = softplus(x) = softplus(-x) + x: cost of a point whose target is 0
-    cost = pos @ targets.transpose(1, 2) + neg @ (1 - targets).transpose(1, 2)
+    # pos = softplus(-x) = -log(sigmoid(x)), the cost of a point whose target is 1, neg = softplus(x) that of a
+    # target 0: pos @ t + neg @ (1 - t) = (pos - neg) @ t + sum(neg) with pos - neg = -x, one product
+    neg = F.softplus(logits)
+    cost = -logits @ targets.transpose(1, 2) + neg.sum(-1, keepdim=True)
     return cost / num_points
 
 

@@ -83,7 +83,8 @@ def test_unknown_checkpointing_part_and_compile_value_are_clear_errors(tiny, tmp
 
 
 def test_channels_last_gives_the_same_outputs(tiny, tmp_path):
-    plain = tiny_module(tiny, tmp_path).eval()
+    plain = tiny_module(tiny, tmp_path, channels_last=False).eval()
+    assert tiny_module(tiny, tmp_path).model.channels_last  # the default for a convolutional backbone (ResNet)
     nhwc = tiny_module(tiny, tmp_path, channels_last=True).eval()
     nhwc.load_state_dict(plain.state_dict())
     conv = next(m for m in nhwc.model.backbone.modules() if isinstance(m, torch.nn.Conv2d))

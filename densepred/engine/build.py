@@ -60,7 +60,7 @@ def build_module(cfg: DictConfig, metadata: Any) -> SegmentationModule:
         scheduler=container(cfg.scheduler),
         postprocess=container(cfg.postprocess),
         compile=cfg.compile,
-        channels_last=bool(cfg.channels_last),
+        channels_last=cfg.channels_last,
         activation_checkpointing=list(cfg.activation_checkpointing or []),
         output_dir=str(cfg.paths.output_dir),
     )

@@ -52,7 +52,7 @@ class SegmentationModule(LightningModule):
         postprocess: Mapping[str, Any] | None = None,
         evaluations: Sequence[str] | None = None,
         compile: bool | str = False,
-        channels_last: bool = False,
+        channels_last: bool | None = None,
         activation_checkpointing: Sequence[str] = (),
         output_dir: str | None = None,
     ) -> None:
@@ -63,10 +63,7 @@ class SegmentationModule(LightningModule):
         self.task = task
         self.metadata = dict(metadata)
         num_classes = int(self.metadata["num_classes"])
-        self.model = Segmenter.from_config({**model, "num_classes": num_classes})
-        self.channels_last = bool(channels_last)
-        if self.channels_last:  # NHWC convolutions (faster for convolutional backbones, on GPUs above all)
-            self.model.backbone.to(memory_format=torch.channels_last)
+        self.model = Segmenter.from_config({**model, "num_classes": num_classes, "channels_last": channels_last})
         for part in activation_checkpointing:
             if part not in CHECKPOINTABLE or not hasattr(getattr(self.model, part), "repeated_blocks"):
                 raise ValueError(
@@ -141,10 +138,7 @@ class SegmentationModule(LightningModule):
 
     def _outputs(self, batch: Mapping[str, Any]) -> dict[str, Any]:
         """Raw head outputs for a collated batch: its raw images normalised by the model, padding zeroed."""
-        pixel_values = self.model.preprocess(batch["images"], batch["image_sizes"])
-        if self.channels_last:
-            pixel_values = pixel_values.contiguous(memory_format=torch.channels_last)
-        return self.model(pixel_values)
+        return self.model(self.model.preprocess(batch["images"], batch["image_sizes"]))
 
     @torch.no_grad()
     def predict(self, batch: Mapping[str, Any]) -> list[dict[str, Any]]:
