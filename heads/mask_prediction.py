@@ -56,13 +56,6 @@ def full_mask_logits(prediction: dict[str, Any]) -> torch.Tensor:
     return masks
 
 
-def mask_size(prediction: dict[str, Any]) -> tuple[int, int]:
-    """(H, W) of the prediction's mask logits."""
-    masks = _computed_masks(prediction)
-    source = masks if masks is not None else prediction["mask_features"]
-    return source.shape[-2], source.shape[-1]
-
-
 def mask_logits_at_points(prediction: dict[str, Any], points: torch.Tensor) -> torch.Tensor:
     """Bilinear mask logits of every query at `points` (B, P, 2), (x, y) in [0, 1] -> (B, Q, P).
 

@@ -427,3 +427,28 @@ def tiny_cli_run(tmp_path_factory, tiny, synthetic_root) -> Path:
     assert result.returncode == 0, result.stderr[-3000:]
     assert (out / ".hydra" / "config.yaml").is_file()
     return out
+
+
+def _rectangle_targets(
+    generator: torch.Generator,
+    counts: tuple[int, ...],
+    num_classes: int,
+    size: int = 64,
+    box: tuple[int, int] = (20, 16),
+) -> list[dict[str, torch.Tensor]]:
+    """Criterion targets: per image `counts[b]` random (h, w) = `box` rectangles in a size x size frame."""
+    height, width = box
+    targets = []
+    for n in counts:
+        masks = torch.zeros(n, size, size, dtype=torch.bool)
+        for i in range(n):
+            y, x = torch.randint(0, size - height, (2,), generator=generator).tolist()
+            masks[i, y : y + height, x : x + width] = True
+        targets.append({"labels": torch.randint(0, num_classes, (n,), generator=generator), "masks": masks})
+    return targets
+
+
+@pytest.fixture(scope="session")
+def rectangle_targets() -> Callable[..., list[dict[str, torch.Tensor]]]:
+    """`(generator, counts, num_classes, size=64, box=(20, 16)) -> targets`: random rectangle masks and labels."""
+    return _rectangle_targets

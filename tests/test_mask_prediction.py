@@ -101,7 +101,7 @@ def test_multi_head_attention_equals_nn_multihead_attention_with_per_head_masks(
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
-def batch_and_targets(seed=0, num_aux=2, queries=6, channels=8, classes=4):
+def batch_and_targets(rectangle_targets, seed=0, num_aux=2, queries=6, channels=8, classes=4):
     g = torch.Generator().manual_seed(seed)
 
     def layer():
@@ -110,14 +110,7 @@ def batch_and_targets(seed=0, num_aux=2, queries=6, channels=8, classes=4):
 
     features = torch.randn(2, channels, 16, 16, generator=g).requires_grad_()
     layers = [layer() for _ in range(num_aux + 1)]
-    targets = []
-    for n in (3, 2):
-        masks = torch.zeros(n, 64, 64, dtype=torch.bool)
-        for i in range(n):
-            y, x = torch.randint(0, 44, (2,), generator=g).tolist()
-            masks[i, y : y + 20, x : x + 16] = True
-        targets.append({"labels": torch.randint(0, classes, (n,), generator=g), "masks": masks})
-    return layers, features, targets
+    return layers, features, rectangle_targets(g, (3, 2), classes)
 
 
 def as_outputs(layers, features, full: bool):
@@ -133,8 +126,8 @@ def as_outputs(layers, features, full: bool):
 
 
 @pytest.mark.parametrize("mask_loss", ["point", "full"])
-def test_losses_matches_and_gradients_at_points_equal_those_of_full_logits(mask_loss):
-    layers, features, targets = batch_and_targets()
+def test_losses_matches_and_gradients_at_points_equal_those_of_full_logits(mask_loss, rectangle_targets):
+    layers, features, targets = batch_and_targets(rectangle_targets)
     criterion = SetCriterion(num_classes=4, mask_loss=mask_loss, num_points=200)
     leaves = [features, *(t for layer in layers for t in layer)]
     results = []
@@ -152,8 +145,8 @@ def test_losses_matches_and_gradients_at_points_equal_those_of_full_logits(mask_
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
-def test_one_matching_for_all_predictions_equals_matching_each_alone():
-    layers, features, targets = batch_and_targets(seed=1)
+def test_one_matching_for_all_predictions_equals_matching_each_alone(rectangle_targets):
+    layers, features, targets = batch_and_targets(rectangle_targets, seed=1)
     outputs = as_outputs(layers, features, full=False)
     predictions = [outputs, *outputs["aux_outputs"]]
     matcher = HungarianMatcher(num_points=300)

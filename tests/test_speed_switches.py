@@ -30,16 +30,10 @@ def tiny_module(tiny, tmp_path, head="mask2former_small", **kwargs) -> Segmentat
     return module
 
 
-def batch(seed: int = 0) -> dict:
+def batch(rectangle_targets, seed: int = 0) -> dict:
     g = torch.Generator().manual_seed(seed)
     images = torch.randint(0, 256, (2, 3, 64, 64), generator=g, dtype=torch.uint8)
-    targets = []
-    for n in (2, 3):
-        masks = torch.zeros(n, 64, 64, dtype=torch.bool)
-        for i in range(n):
-            y, x = torch.randint(0, 40, (2,), generator=g).tolist()
-            masks[i, y : y + 24, x : x + 20] = True
-        targets.append({"labels": torch.randint(0, 3, (n,), generator=g), "masks": masks})
+    targets = rectangle_targets(g, (2, 3), num_classes=3, box=(24, 20))
     return {"images": images, "image_sizes": [(64, 64), (60, 56)], "targets": targets}
 
 
@@ -55,7 +49,7 @@ def loss_and_grads(module: SegmentationModule, data: dict) -> tuple[torch.Tensor
 
 
 @pytest.mark.parametrize("head", ["mask2former_small", "maskformer"])
-def test_activation_checkpointing_gives_the_same_loss_and_gradients(tiny, tmp_path, head):
+def test_activation_checkpointing_gives_the_same_loss_and_gradients(tiny, tmp_path, head, rectangle_targets):
     plain = tiny_module(tiny, tmp_path, head)
     parts = ["backbone", "neck", "head"]
     if head == "maskformer":  # its pixel decoder has no repeated blocks
@@ -66,7 +60,7 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients(tiny, tmp_pa
     checkpointed.load_state_dict(plain.state_dict())
     wrapped = [m for m in checkpointed.modules() if getattr(m, "_activation_checkpointing", False)]
     assert len(wrapped) >= 6  # 4 backbone stages, the encoder layer (Mask2Former), 2 decoder layers
-    data = batch()
+    data = batch(rectangle_targets)
     want_loss, want = loss_and_grads(plain, data)
     got_loss, got = loss_and_grads(checkpointed, data)
     torch.testing.assert_close(got_loss, want_loss, atol=1e-5, rtol=1e-5)
@@ -82,14 +76,14 @@ def test_unknown_checkpointing_part_and_compile_value_are_clear_errors(tiny, tmp
         tiny_module(tiny, tmp_path, compile="head")
 
 
-def test_channels_last_gives_the_same_outputs(tiny, tmp_path):
+def test_channels_last_gives_the_same_outputs(tiny, tmp_path, rectangle_targets):
     plain = tiny_module(tiny, tmp_path, channels_last=False).eval()
     assert tiny_module(tiny, tmp_path).model.channels_last  # the default for a convolutional backbone (ResNet)
     nhwc = tiny_module(tiny, tmp_path, channels_last=True).eval()
     nhwc.load_state_dict(plain.state_dict())
     conv = next(m for m in nhwc.model.backbone.modules() if isinstance(m, torch.nn.Conv2d))
     assert conv.weight.is_contiguous(memory_format=torch.channels_last)
-    data = batch()
+    data = batch(rectangle_targets)
     with torch.no_grad():
         want, got = plain._outputs(data), nhwc._outputs(data)
     torch.testing.assert_close(got["pred_logits"], want["pred_logits"], atol=1e-5, rtol=1e-5)
@@ -114,10 +108,10 @@ def test_fused_adamw_is_the_default_and_takes_the_same_step():
 
 
 @pytest.mark.parametrize("head", ["mask2former_small", "maskformer"])
-def test_the_whole_model_traces_as_one_graph(tiny, tmp_path, head):
+def test_the_whole_model_traces_as_one_graph(tiny, tmp_path, head, rectangle_targets):
     """torch.compile (compile=true) sees the Segmenter as one graph: no graph breaks, in training mode."""
     module = tiny_module(tiny, tmp_path, head).train()
-    pixels = module.model.preprocess(batch()["images"])
+    pixels = module.model.preprocess(batch(rectangle_targets)["images"])
     torch._dynamo.reset()
     explanation = torch._dynamo.explain(module.model)(pixels)
     assert explanation.graph_break_count == 0, explanation.break_reasons
