@@ -8,11 +8,14 @@ value table (four bilinear corners per sampling point, corner weight times atten
 `F.embedding_bag(mode="sum", per_sample_weights=...)` computes without materialising the samples.
 
 Each level is padded with one zero pixel on every side, so the four corners of any point within one pixel
-of the map are real rows of the table and only a point whose corners all fall outside needs a mask. Its
-backward (a hand-written `torch.autograd.Function`) gives the value gradient as the transposed product: the
-points are sorted once by their top-left corner's row, which orders the rows of all four corners at once, and
-four more `embedding_bag` calls sum the weighted output gradients into the rows. Same values and gradients as
-the reference up to float rounding (tests/test_ms_deform_attn.py).
+of the map are real rows of the table and only a point whose corners all fall outside needs a mask. The
+whole product is one `torch.autograd.Function` with a hand-written backward that keeps only its inputs (the
+table, the sampling locations, the attention weights) and recomputes the corner rows and weights, cheap
+elementwise work, instead of saving them (four times the locations' size, int64 rows included: about 30 MB
+per encoder layer of a 384x384 pair of images). The value gradient is the transposed product: the points are
+sorted once by their top-left corner's row, which orders the rows of all four corners at once, and four more
+`embedding_bag` calls sum the weighted output gradients into the rows. Same values and gradients as the
+reference up to float rounding (tests/test_ms_deform_attn.py).
 """
 
 from __future__ import annotations
@@ -28,73 +31,96 @@ import torch.nn.functional as F
 _CORNERS = ((0, 0), (0, 1), (1, 0), (1, 1))
 
 
-class _CornerWeights(torch.autograd.Function):
-    """Bilinear corner weights times the point weight, in `_CORNERS` order, with a hand-written backward.
+def _corners(
+    locations: torch.Tensor, sizes: torch.Tensor, layout: torch.Tensor, block: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Bilinear corners of every sampling point.
 
-    fx, fy (...,): fractional pixel offsets in [0, 1); point (...,): attention weight of the point ->
-    (..., 4): (1-fy)(1-fx), (1-fy)fx, fy(1-fx), fy fx, each times `point` (autograd's broadcasting version
-    spends its backward in reductions over the corner dimensions).
+    locations (B, Q, heads, L, P, 2) as (x, y) in [0, 1]; sizes (L, 1, 4) as (w, h, w - 1, h - 1); layout
+    (L, 1, 2) as (first table row of the level's block, padded width); block (B, 1, heads, 1, 1), the first
+    table row of each (image, head) -> rows (B, Q, heads, L, P, 4) of the four corners in `_CORNERS` order
+    (int32 when the table allows), fx, fy (B, Q, heads, L, P) the fractional offsets in [0, 1), and `inside`,
+    False for a point whose four corners all fall in the zero padding.
+    """
+    # x and y apart, so that every tensor below is contiguous
+    x = locations[..., 0] * sizes[..., 0] - 0.5  # pixel coordinates
+    y = locations[..., 1] * sizes[..., 1] - 0.5
+    x0, y0 = x.floor(), y.floor()
+    fx, fy = x - x0, y - y0
+    # a point whose top-left corner is outside [-1, w-1] x [-1, h-1] has all four corners in the zeros
+    inside = (x0 >= -1) & (x0 <= sizes[..., 2]) & (y0 >= -1) & (y0 <= sizes[..., 3])
+    column = x0.clamp(min=-1).minimum(sizes[..., 2]).to(block.dtype)
+    row = y0.clamp(min=-1).minimum(sizes[..., 3]).to(block.dtype)
+    stride = layout[..., 1]
+    top_left = block + (layout[..., 0] + stride + 1) + row * stride + column  # (row + 1, column + 1) padded
+    rows = torch.stack([top_left, top_left + 1, top_left + stride, top_left + stride + 1], -1)
+    return rows, fx, fy, inside
+
+
+def _corner_weights(fx: torch.Tensor, fy: torch.Tensor, point: torch.Tensor) -> torch.Tensor:
+    """(..., 4): the bilinear corner weights (1-fy)(1-fx), (1-fy)fx, fy(1-fx), fy fx, each times `point`."""
+    top, bottom = (1 - fy) * point, fy * point
+    return torch.stack([top * (1 - fx), top * fx, bottom * (1 - fx), bottom * fx], -1)
+
+
+class _DeformableBag(torch.autograd.Function):
+    """out[n] = sum over the points k of bag n and their corners c of weight[n, k, c] * table[row[n, k, c]].
+
+    table (R, D); locations (B, Q, heads, L, P, 2); attention (B, Q, heads, L, P); sizes, layout, block as in
+    `_corners` -> (B * Q * heads, D).
     """
 
     @staticmethod
-    def forward(ctx, fx: torch.Tensor, fy: torch.Tensor, point: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(fx, fy, point)
-        low_x, low_y = 1 - fx, 1 - fy
-        top, bottom = low_y * point, fy * point
-        return torch.stack([top * low_x, top * fx, bottom * low_x, bottom * fx], -1)
+    def forward(ctx, table, locations, attention, sizes, layout, block):
+        ctx.save_for_backward(table, locations, attention, sizes, layout, block)
+        rows, fx, fy, inside = _corners(locations, sizes, layout, block)
+        weights = _corner_weights(fx, fy, attention * inside).to(table.dtype)
+        bags = rows.shape[0] * rows.shape[1] * rows.shape[2]
+        return F.embedding_bag(rows.view(bags, -1), table, per_sample_weights=weights.view(bags, -1), mode="sum")
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        fx, fy, point = ctx.saved_tensors
-        g00, g01, g10, g11 = grad.unbind(-1)
-        low_x, low_y = 1 - fx, 1 - fy
-        top = low_x * g00 + fx * g01  # d/d(top row weight)
-        bottom = low_x * g10 + fx * g11
-        grad_fx = point * (low_y * (g01 - g00) + fy * (g11 - g10))
-        grad_fy = point * (bottom - top)
-        grad_point = low_y * top + fy * bottom
-        return grad_fx, grad_fy, grad_point
-
-
-class _BagSum(torch.autograd.Function):
-    """out[n] = sum_k weights[n, k] * table[rows[n, k]] with the transposed product as the table's gradient.
-
-    table (R, D); rows (N, points, 4) int64, the table rows of each point's four corners (`_CORNERS` order)
-    such that sorting the points by their top-left row orders the rows of every corner (one padded block per
-    level, see the module docstring); weights (N, points, 4). Returns (N, D).
-    """
-
-    @staticmethod
-    def forward(ctx, table: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(table, rows, weights)
-        return F.embedding_bag(rows.flatten(1), table, per_sample_weights=weights.flatten(1), mode="sum")
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, torch.Tensor | None]:
-        table, rows, weights = ctx.saved_tensors
+    def backward(ctx, grad):
+        table, locations, attention, sizes, layout, block = ctx.saved_tensors
+        rows, fx, fy, inside = _corners(locations, sizes, layout, block)
+        point = attention * inside
         grad = grad.contiguous()
-        grad_table = grad_weights = None
-        if ctx.needs_input_grad[2]:
-            # d out[n] / d weights[n, k] = table[rows[n, k]]: the dot products by embedding_bag's own backward op
-            # (called directly: autograd.grad inside a backward would stop torch.compile's tracing)
-            num_bags, per_bag = rows.shape[0], rows.shape[1] * rows.shape[2]
-            bag_of_sample = torch.arange(num_bags, device=rows.device)[:, None].expand(-1, per_bag).flatten()
-            offsets = torch.arange(0, num_bags * per_bag, per_bag, device=rows.device)
-            grad_weights = torch.ops.aten._embedding_bag_per_sample_weights_backward(
-                grad, table, rows.flatten(), offsets, bag_of_sample, 0
-            ).view_as(weights)
+        num_bags = grad.shape[0]
+        grad_table = grad_locations = grad_attention = None
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            # d out[n] / d weight[n, k, c] = table[row[n, k, c]]: the dot products by embedding_bag's own backward
+            # op (called directly: autograd.grad inside a backward would stop torch.compile's tracing)
+            per_bag = rows.numel() // num_bags
+            flat_rows = rows.flatten()
+            bag_of_sample = torch.arange(num_bags, device=grad.device, dtype=flat_rows.dtype)
+            bag_of_sample = bag_of_sample[:, None].expand(-1, per_bag).flatten()
+            offsets = torch.arange(0, num_bags * per_bag, per_bag, device=grad.device, dtype=flat_rows.dtype)
+            g00, g01, g10, g11 = (
+                torch.ops.aten._embedding_bag_per_sample_weights_backward(
+                    grad, table, flat_rows, offsets, bag_of_sample, 0
+                )
+                .view_as(rows)
+                .to(locations.dtype)
+                .unbind(-1)
+            )
+            top = (1 - fx) * g00 + fx * g01  # d/d(top row weight)
+            bottom = (1 - fx) * g10 + fx * g11
+            grad_fx = point * ((1 - fy) * (g01 - g00) + fy * (g11 - g10))
+            grad_fy = point * (bottom - top)
+            grad_locations = torch.stack([grad_fx, grad_fy], -1) * sizes[..., :2]
+            grad_attention = ((1 - fy) * top + fy * bottom) * inside
         if ctx.needs_input_grad[0]:
-            num_points = rows.shape[1]
+            weights = _corner_weights(fx, fy, point).to(table.dtype).view(-1, 4)
+            num_points = rows.numel() // (4 * num_bags)
             order = rows[..., 0].flatten().argsort()  # one sort for all four corners
             bags = order // num_points  # output row of each sorted point
             sorted_rows = rows.view(-1, 4).index_select(0, order).t().contiguous()  # (4, points) non-decreasing
-            sorted_weights = weights.view(-1, 4).index_select(0, order).t().contiguous()
-            table_rows = torch.arange(table.shape[0], device=table.device)
+            sorted_weights = weights.index_select(0, order).t().contiguous()
+            table_rows = torch.arange(table.shape[0], device=table.device, dtype=rows.dtype)
             grad_table = torch.zeros_like(table)
             for corner_rows, corner_weights in zip(sorted_rows, sorted_weights, strict=True):
                 offsets = torch.searchsorted(corner_rows, table_rows)  # first point of each row (static shape)
                 grad_table += F.embedding_bag(bags, grad, offsets, per_sample_weights=corner_weights, mode="sum")
-        return grad_table, None, grad_weights
+        return grad_table, grad_locations, grad_attention, None, None, None
 
 
 def ms_deform_attn_bag(
@@ -110,7 +136,7 @@ def ms_deform_attn_bag(
     attention_weights (B, Q, heads, levels, points) -> (B, Q, heads * d).
     """
     batch, _, num_heads, head_dim = value.shape
-    _, num_queries, _, num_levels, num_points, _ = sampling_locations.shape
+    num_queries, num_levels = sampling_locations.shape[1], sampling_locations.shape[3]
     padded_sizes = [(h + 2) * (w + 2) for h, w in spatial_shapes]
     padded_length = sum(padded_sizes)
 
@@ -123,29 +149,15 @@ def ms_deform_attn_bag(
     table = torch.cat(levels, dim=2).reshape(batch * num_heads * padded_length, head_dim)
 
     # Per-level constants, broadcast over (B, Q, heads, levels, points): built on the host and copied with
-    # non_blocking=True, an asynchronous copy (not a synchronisation)
+    # non_blocking=True, an asynchronous copy (not a synchronisation); int32 rows when the table allows
     device = value.device
+    index_dtype = torch.int32 if table.shape[0] < 2**31 else torch.int64
     starts = [0, *itertools.accumulate(padded_sizes)][:-1]
     sizes = torch.tensor([(w, h, w - 1, h - 1) for h, w in spatial_shapes], dtype=sampling_locations.dtype)
     sizes = sizes.to(device, non_blocking=True).view(num_levels, 1, 4)
     layout = torch.tensor([(start, w + 2) for (h, w), start in zip(spatial_shapes, starts, strict=True)])
-    layout = layout.to(device, non_blocking=True).view(num_levels, 1, 2)
-    block = torch.arange(batch * num_heads, device=device).view(batch, 1, num_heads, 1, 1) * padded_length
-
-    pixels = sampling_locations * sizes[..., :2] - 0.5  # (x, y) pixel coordinates, (B, Q, heads, L, P, 2)
-    corner = pixels.detach().floor()
-    frac = pixels - corner
-    # a point whose top-left corner is outside [-1, w-1] x [-1, h-1] has all four corners in the zeros
-    inside = ((corner >= -1) & (corner <= sizes[..., 2:])).all(-1)
-    column, row = (corner.clamp(min=-1).minimum(sizes[..., 2:]).long() + 1).unbind(-1)
-    stride = layout[..., 1]
-    top_left = block + layout[..., 0] + row * stride + column  # (B, Q, heads, L, P)
-    corner_offsets = torch.stack([torch.zeros_like(stride), torch.ones_like(stride), stride, stride + 1], -1)
-    rows = top_left[..., None] + corner_offsets  # (B, Q, heads, L, P, 4) in `_CORNERS` order
-    fx, fy = frac.unbind(-1)
-    weights = _CornerWeights.apply(fx, fy, attention_weights * inside)  # (B, Q, heads, L, P, 4)
-    # bags (B * Q * heads, levels * points, 4)
-    rows = rows.view(batch * num_queries * num_heads, num_levels * num_points, 4)
-    weights = weights.view(batch * num_queries * num_heads, num_levels * num_points, 4)
-    output = _BagSum.apply(table, rows, weights.to(table.dtype))
+    layout = layout.to(device, index_dtype, non_blocking=True).view(num_levels, 1, 2)
+    block = torch.arange(batch * num_heads, device=device, dtype=index_dtype) * padded_length
+    block = block.view(batch, 1, num_heads, 1, 1)
+    output = _DeformableBag.apply(table, sampling_locations, attention_weights, sizes, layout, block)
     return output.view(batch, num_queries, num_heads * head_dim)
