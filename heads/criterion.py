@@ -138,7 +138,8 @@ class SetCriterion(nn.Module):
             )
         device = outputs["pred_logits"].device
         labels = torch.cat([t["labels"] for t in targets]).to(device)  # (T,) all targets of the batch
-        masks = torch.cat([t["masks"] for t in targets]).to(device)  # (T, H, W)
+        # (T, 1, H, W) in float once per step: every prediction samples the same targets
+        mask_values = torch.cat([t["masks"] for t in targets]).to(device)[:, None].float()
         num_masks = average_num_masks(labels.shape[0], device)
 
         predictions = [outputs, *outputs.get("aux_outputs", [])]
@@ -146,7 +147,7 @@ class SetCriterion(nn.Module):
         losses = {}
         for i, (prediction, prediction_matches) in enumerate(zip(predictions, matches, strict=True)):
             suffix = "" if i == 0 else f"_{i - 1}"
-            layer_losses = self._layer_losses(prediction, labels, masks, prediction_matches, num_masks)
+            layer_losses = self._layer_losses(prediction, labels, mask_values, prediction_matches, num_masks)
             losses.update({f"{key}{suffix}": value for key, value in layer_losses.items()})
         return losses
 
@@ -154,7 +155,7 @@ class SetCriterion(nn.Module):
         self,
         outputs: Mapping[str, torch.Tensor],
         labels: torch.Tensor,
-        masks: torch.Tensor,
+        mask_values: torch.Tensor,
         matches: Matches,
         num_masks: torch.Tensor,
     ) -> dict[str, torch.Tensor]:
@@ -162,7 +163,7 @@ class SetCriterion(nn.Module):
         image, query, target = matches.image, matches.query, matches.target
         losses = {"loss_ce": self._class_loss(outputs["pred_logits"].float(), labels, image, query, target)}
         matched_logits = selected_mask_logits(outputs, image, query, matches.slot, matches.slots_per_image)
-        losses.update(self._mask_losses(matched_logits.float(), masks[target], num_masks))
+        losses.update(self._mask_losses(matched_logits.float(), mask_values, target, num_masks))
         return {key: value * self.weight_dict[key] for key, value in losses.items()}
 
     def _class_loss(
@@ -174,22 +175,26 @@ class SetCriterion(nn.Module):
         return F.cross_entropy(logits.transpose(1, 2), target_classes, weight=self.class_weights)
 
     def _mask_losses(
-        self, logits: torch.Tensor, targets: torch.Tensor, num_masks: torch.Tensor
+        self, logits: torch.Tensor, mask_values: torch.Tensor, target: torch.Tensor, num_masks: torch.Tensor
     ) -> dict[str, torch.Tensor]:
-        """Mask and dice losses of matched (M, h, w) logits against (M, H, W) binary targets."""
+        """Mask and dice losses of matched (M, h, w) logits against the binary targets `target` (M,) of
+        `mask_values` (T, 1, H, W) float."""
         logits = logits[:, None]
-        targets = targets[:, None].to(logits.dtype)
         if self.mask_loss == "point":
             with torch.no_grad():
                 points = sample_uncertain_points(
                     logits, self.num_points, self.oversample_ratio, self.importance_sample_ratio
                 )
-                target_values = point_sample(targets, points)[:, 0]  # (M, P)
+                # each target is matched once at most: sample the targets where they are, at their pair's
+                # points, instead of gathering (M, H, W) masks (the same values)
+                target_points = points.new_zeros(mask_values.shape[0], *points.shape[1:]).index_copy(0, target, points)
+                target_values = point_sample(mask_values, target_points)[target, 0]  # (M, P)
             logit_values = point_sample(logits, points)[:, 0]  # (M, P)
             return {
                 "loss_mask": sigmoid_ce_loss(logit_values, target_values, num_masks),
                 "loss_dice": dice_loss(logit_values, target_values, num_masks),
             }
+        targets = mask_values[target]
         upsampled = F.interpolate(logits, size=targets.shape[-2:], mode="bilinear", align_corners=False)
         logit_values, target_values = upsampled.flatten(1), targets.flatten(1)  # (M, H*W)
         return {
