@@ -1,6 +1,6 @@
 """Predict on a folder of images: `python predict.py checkpoint=PATH input=FOLDER output=OUT`.
 
-Writes OUT/<image file name>.png (prediction overlay: masks, class names, scores; `x.jpg` -> `x.jpg.png`,
+Writes OUT/<image file name>.png (prediction overlay: masks or boxes, class names, scores; `x.jpg` -> `x.jpg.png`,
 so `x.jpg` and `x.png` get two overlays) and OUT/predictions.json ({image file name: panoptic segments, or
 instances with boxes and scores, or the classes present}, plus "skipped": {file name: reason} for the
 images that could not be read; they are logged and the others predicted). OUT may be neither the input

@@ -23,6 +23,29 @@ class BackboneOutput:
     feature_maps: tuple[torch.Tensor, ...]
 
 
+@dataclass
+class TokenContinuation:
+    """A token backbone stopped before its last `len(blocks)` blocks, for a head that runs them itself
+    (`Backbone.continuation`; EoMT's queries join the tokens there).
+
+    `tokens` (B, num_prefix_tokens + h * w, D): the sequence after the first blocks, the class / register
+    tokens first, then the patches row by row; `grid` (h, w); `patch_size` (p): the patches tile the input
+    zero-padded bottom/right to (h * p, w * p); `input_size`: the input's (H, W) before that padding.
+    `blocks`: the remaining blocks, in order, each `block(tokens, attn_mask=None)` -> tokens of the same
+    shape, any sequence length, `attn_mask` bool (B, 1, T, T), True where a token attends; `norm`: the
+    backbone's final norm. The blocks stay the backbone's modules (their weights, lr decay, freezing and
+    activation checkpointing are the backbone's).
+    """
+
+    tokens: torch.Tensor
+    num_prefix_tokens: int
+    grid: tuple[int, int]
+    patch_size: int
+    input_size: tuple[int, int]
+    blocks: Sequence[nn.Module]
+    norm: nn.Module
+
+
 class Backbone(nn.Module):
     """A multi-scale feature extractor with selectable output stages.
 
@@ -85,6 +108,11 @@ class Backbone(nn.Module):
         """Load weights of this architecture from a Hub repo id, a folder or a weights file (any layout
         `AutoBackbone.from_pretrained` reads); returns the `LoadReport` (also kept as `load_report`)."""
         return _load_pretrained(self, str(name_or_path), revision=revision)
+
+    def adapt_pretrained(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Pretrained weights in this backbone's layout, made to fit it before loading (a ViT resamples another
+        patch size or position grid); the default keeps them as they are."""
+        return state_dict
 
     # ---- selection ------------------------------------------------------------------------------
     @property
@@ -189,6 +217,15 @@ class Backbone(nn.Module):
     def forward_features(self, pixel_values: torch.Tensor, positions: list[int]) -> tuple[torch.Tensor, ...]:
         """Return the NCHW maps of the stages at `positions` (ascending positive indices)."""
         raise NotImplementedError
+
+    def continuation(self, pixel_values: torch.Tensor, num_blocks: int) -> TokenContinuation:
+        """(B, in_channels, H, W) -> the tokens before the last `num_blocks` blocks and those blocks, for a head
+        that continues the backbone (its `backbone_blocks`; docs/architecture.md). Token backbones (ViTs)
+        implement it."""
+        raise ValueError(
+            f"{type(self).__name__} has no token blocks for a head that continues the backbone (backbone_blocks="
+            f"{num_blocks}); use a plain ViT backbone (densepred.backbones.ViTBackbone, e.g. backbone=dinov2_small)"
+        )
 
     def forward(self, pixel_values: torch.Tensor) -> BackboneOutput:
         """(B, in_channels, H, W) -> BackboneOutput with one NCHW map per selected stage."""

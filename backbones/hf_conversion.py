@@ -10,7 +10,10 @@ weights to the native (timm) layout. Both key layouts are read:
 - v5, what transformers 5 models hold in memory: `attention.{q,k,v,o}_proj`,
   `attention.relative_position_bias.relative_position_bias_table`, `mlp.fc{1,2}`.
 
-ResNet and ConvNeXt names are the same in both. The plain ViTs (`dinov2`, `dinov2_with_registers`,
+ResNet and ConvNeXt names are the same in both. RT-DETR's ResNet-vd (`rt_detr_resnet`, `RTDetrResNetBackbone`)
+becomes the native ResNet with `variant="d"`: its three stem convs `embedder.embedder.{0,1,2}` are timm's deep
+stem `conv1.{0,3,6}` + `bn1`, its shortcuts (`shortcut[.1].{convolution,normalization}`, after the average pool)
+`downsample.{1,2}`. The plain ViTs (`dinov2`, `dinov2_with_registers`,
 `dinov3_vit`) become `ViTBackbone` on the matching timm architecture: DINOv2 v4 `attention.attention.{query,
 key,value}` / `attention.output.dense`, v5 `attention.{q,k,v,o}_proj`; DINOv3 `layer.N` on disk,
 `model.layer.N` in transformers 5 models. DINOv2-with-registers' class-token position embedding is folded
@@ -34,7 +37,13 @@ import torch
 from densepred.utils.state_dict import Rule, pack_qkv, rename_key
 
 # Where each family's weights sit inside the transformers classes (stripped before renaming).
-PREFIXES = {"resnet": ("resnet.",), "swin": ("swin.",), "maskformer-swin": ("model.",), "convnext": ("convnext.",)}
+PREFIXES = {
+    "resnet": ("resnet.",),
+    "rt_detr_resnet": ("resnet.",),
+    "swin": ("swin.",),
+    "maskformer-swin": ("model.",),
+    "convnext": ("convnext.",),
+}
 # Weights of transformers models that are not part of the backbone (or are recomputed buffers).
 NOT_BACKBONE = re.compile(
     r"(classifier|pooler|layernorm|decoder|embeddings\.mask_token)\..*|classifier|embeddings\.mask_token"
@@ -57,6 +66,24 @@ RESNET_RULES: list[Rule] = [
     (r"embedder\.embedder\.convolution\.(.*)", r"conv1.\1"),
     (r"embedder\.embedder\.normalization\.(.*)", r"bn1.\1"),
     (r"encoder\.stages\.(\d+)\.layers\.(\d+)\.(shortcut|layer\.\d)\.(convolution|normalization)\.(.*)", _resnet_layer),
+]
+
+
+def _resnet_vd_stem(m: re.Match) -> str:
+    """`embedder.embedder.I.{convolution | normalization}.*` -> timm's deep stem `conv1.{0,1,3,4,6}` / `bn1`."""
+    index, kind, rest = int(m[1]), m[2], m[3]
+    if kind == "normalization" and index == 2:
+        return f"bn1.{rest}"
+    return f"conv1.{3 * index + (kind == 'normalization')}.{rest}"
+
+
+RESNET_VD_RULES: list[Rule] = [
+    (r"embedder\.embedder\.(\d)\.(convolution|normalization)\.(.*)", _resnet_vd_stem),
+    (
+        r"encoder\.stages\.(\d+)\.layers\.(\d+)\.shortcut\.(?:1\.)?(convolution|normalization)\.(.*)",
+        lambda m: f"layer{int(m[1]) + 1}.{m[2]}.downsample.{1 if m[3] == 'convolution' else 2}.{m[4]}",
+    ),
+    *RESNET_RULES[2:],
 ]
 
 SWIN_BLOCK = r"encoder\.layers\.(\d+)\.blocks\.(\d+)\."
@@ -112,7 +139,13 @@ VIT_QKV = re.compile(VIT_BLOCK + r"attention\.(?:attention\.(query|key|value)|([
 VIT_NOT_BACKBONE = re.compile(r"embeddings\.mask_token|classifier\..*|rope_embeddings\..*")
 VIT_TYPES = ("dinov2", "dinov2_with_registers", "dinov3_vit")
 
-RULES = {"resnet": RESNET_RULES, "swin": SWIN_RULES, "maskformer-swin": SWIN_RULES, "convnext": CONVNEXT_RULES}
+RULES = {
+    "resnet": RESNET_RULES,
+    "rt_detr_resnet": RESNET_VD_RULES,
+    "swin": SWIN_RULES,
+    "maskformer-swin": SWIN_RULES,
+    "convnext": CONVNEXT_RULES,
+}
 # Keys only one family has: used to tell a bare transformers state dict's family (the ViTs first: DINOv2
 # shares Swin's patch-embedding name).
 SIGNATURES = {
@@ -140,6 +173,8 @@ def _selection(config: Mapping[str, Any]) -> dict[str, Any]:
 
 def hf_family(model_type: str) -> str:
     """The `Backbone.family` a transformers model type loads into ("maskformer-swin" -> "swin", "dinov2" -> "vit")."""
+    if model_type == "rt_detr_resnet":
+        return "resnet"
     return "vit" if model_type in VIT_TYPES else model_type.removeprefix("maskformer-")
 
 
@@ -195,7 +230,7 @@ def native_backbone_from_hf_config(config: Mapping[str, Any]) -> tuple[str, dict
     model_type = config.get("model_type")
     if model_type in VIT_TYPES:
         return "densepred.backbones.ViTBackbone", _vit_from_hf_config(config)
-    if model_type == "resnet":
+    if model_type in ("resnet", "rt_detr_resnet"):
         _require(config, "downsample_in_first_stage", False, False)
         _require(config, "downsample_in_bottleneck", False, False)
         _require(config, "hidden_act", "relu", "relu")
@@ -208,6 +243,7 @@ def native_backbone_from_hf_config(config: Mapping[str, Any]) -> tuple[str, dict
             "stage_channels": list(config.get("hidden_sizes", [256, 512, 1024, 2048])),
             "stem_channels": config.get("embedding_size", 64),
             "in_channels": config.get("num_channels", 3),
+            **({"variant": "d"} if model_type == "rt_detr_resnet" else {}),
             **_selection(config),
         }
     if model_type in ("swin", "maskformer-swin"):
@@ -241,7 +277,8 @@ def native_backbone_from_hf_config(config: Mapping[str, Any]) -> tuple[str, dict
         }
     raise ValueError(
         f"config.json has model_type={model_type!r}; transformers backbones that load natively are "
-        "'resnet', 'swin', 'maskformer-swin', 'convnext', 'dinov2', 'dinov2_with_registers' and 'dinov3_vit'. "
+        "'resnet', 'rt_detr_resnet', 'swin', 'maskformer-swin', 'convnext', 'dinov2', 'dinov2_with_registers' "
+        "and 'dinov3_vit'. "
         "Any timm model loads through backbones.TimmBackbone."
     )
 

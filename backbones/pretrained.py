@@ -124,6 +124,7 @@ def _load(
     skipped: list[str] = []
     if layout != "native":
         state_dict, skipped = to_native_state_dict(state_dict, backbone, source, hf_model_type)
+    state_dict = backbone.adapt_pretrained(dict(state_dict))
     report = load_backbone_state_dict(backbone, state_dict, source, skipped)
     (logger.warning if report.missing else logger.info)(str(report))
     backbone.load_report = report

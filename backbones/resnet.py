@@ -1,4 +1,4 @@
-"""ResNet 18/34/50/101 backbones (torchvision / HF "v1.5": the stride sits in the 3x3 conv).
+"""ResNet 18/34/50/101 backbones (torchvision / HF "v1.5": the stride sits in the 3x3 conv), and their "-vd" variant.
 
 Built from timm's ResNet blocks (`timm.models.resnet.make_blocks`); the state-dict layout is timm's and
 torchvision's (`conv1`, `bn1`, `layer1.0.conv1`, ...) without the classifier. Stage widths and the
@@ -6,6 +6,12 @@ stem width are arguments, so transformers ResNet configs of any size (`hidden_si
 `embedding_size`) are rebuilt exactly.
 
 Stages: stem (conv7x7 + BN + ReLU + maxpool, stride 4) and stage1..stage4 (strides 4, 8, 16, 32).
+
+`variant="d"` (ResNet-D of "Bag of Tricks", RT-DETR's ResNet-vd, transformers' `RTDetrResNetBackbone`):
+a deep stem of three 3x3 convs (widths stem_channels / 2, stem_channels / 2, stem_channels; timm's
+`stem_type="deep"` layout `conv1.{0,3,6}`), shortcuts that downsample by 2x2 average pooling before their
+1x1 conv (timm's `avg_down`), and, as RT-DETR's PResNet, a projection shortcut on the first block of
+stage1 also for basic blocks (ResNet-18/34-vd). For bottleneck blocks this is timm's `resnet50d` layout.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from ._registry import register_backbone, register_class
 from .base import Backbone
 
 NORMS = ("frozen_bn", "bn", "syncbn")
+VARIANTS = ("b", "d")
 BLOCKS = {"basic": BasicBlock, "bottleneck": Bottleneck}
 
 
@@ -42,12 +49,16 @@ class ResNetBackbone(Backbone):
         in_channels: int = 3,
         stage_channels: Sequence[int] | None = None,
         stem_channels: int = 64,
+        variant: str = "b",
     ) -> None:
         """`block`: "basic" or "bottleneck" (or timm's block class); `norm`: "frozen_bn" (the fine-tuning
         default), "bn" or "syncbn"; `stage_channels`: output channels of stage1..4 (default 64, 128, 256,
-        512 times the block expansion); `stem_channels`: width of the 7x7 stem conv."""
+        512 times the block expansion); `stem_channels`: width of the 7x7 stem conv (of the deep stem's last
+        conv for variant "d"); `variant`: "b" (torchvision) or "d" (deep stem, average-pool shortcuts)."""
         if norm not in NORMS:
             raise ValueError(f"norm={norm!r} is not supported; choose one of {NORMS}")
+        if variant not in VARIANTS:
+            raise ValueError(f"variant={variant!r} is not supported; choose one of {VARIANTS}")
         block_name = block if isinstance(block, str) else {v: k for k, v in BLOCKS.items()}.get(block)
         if block_name not in BLOCKS:
             raise ValueError(f"block={block!r} is not supported; choose one of {list(BLOCKS)}")
@@ -76,8 +87,12 @@ class ResNetBackbone(Backbone):
             in_channels=in_channels,
             stage_channels=list(stage_channels),
             stem_channels=stem_channels,
+            variant=variant,
         )
-        self.conv1 = nn.Conv2d(in_channels, stem_channels, kernel_size=7, stride=2, padding=3, bias=False)
+        if variant == "d":
+            self.conv1 = _deep_stem(in_channels, stem_channels)
+        else:
+            self.conv1 = nn.Conv2d(in_channels, stem_channels, kernel_size=7, stride=2, padding=3, bias=False)
         self.bn1 = nn.BatchNorm2d(stem_channels)
         self.act1 = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
@@ -87,11 +102,17 @@ class ResNetBackbone(Backbone):
             tuple(layers),
             inplanes=stem_channels,
             drop_path_rate=drop_path_rate,
+            avg_down=variant == "d",
             act_layer=nn.ReLU,
             norm_layer=nn.BatchNorm2d,
         )
         for name, stage in stages:  # layer1..layer4: timm's / torchvision's names
             self.add_module(name, stage)
+        if variant == "d" and self.layer1[0].downsample is None:  # basic blocks: PResNet's stage1 projection
+            channels = stage_channels[0]
+            self.layer1[0].downsample = nn.Sequential(
+                nn.Identity(), nn.Conv2d(channels, channels, 1, bias=False), nn.BatchNorm2d(channels)
+            )
         self._init_weights()
         if norm == "frozen_bn":
             freeze_batch_norm_2d(self)
@@ -127,6 +148,21 @@ class ResNetBackbone(Backbone):
         return tuple(outputs)
 
 
+def _deep_stem(in_channels: int, stem_channels: int) -> nn.Sequential:
+    """The "-vd" stem before `bn1`: 3x3 convs (stride 2, 1, 1) to stem_channels / 2, stem_channels / 2 and
+    stem_channels, the first two with BN + ReLU (timm's `stem_type="deep"` layout)."""
+    width = stem_channels // 2
+    return nn.Sequential(
+        nn.Conv2d(in_channels, width, 3, stride=2, padding=1, bias=False),
+        nn.BatchNorm2d(width),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(width, width, 3, stride=1, padding=1, bias=False),
+        nn.BatchNorm2d(width),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(width, stem_channels, 3, stride=1, padding=1, bias=False),
+    )
+
+
 @register_backbone
 def resnet18(**kwargs) -> ResNetBackbone:
     return ResNetBackbone("basic", (2, 2, 2, 2), **kwargs)
@@ -145,3 +181,23 @@ def resnet50(**kwargs) -> ResNetBackbone:
 @register_backbone
 def resnet101(**kwargs) -> ResNetBackbone:
     return ResNetBackbone("bottleneck", (3, 4, 23, 3), **kwargs)
+
+
+@register_backbone
+def resnet18_vd(**kwargs) -> ResNetBackbone:
+    return ResNetBackbone("basic", (2, 2, 2, 2), variant="d", **kwargs)
+
+
+@register_backbone
+def resnet34_vd(**kwargs) -> ResNetBackbone:
+    return ResNetBackbone("basic", (3, 4, 6, 3), variant="d", **kwargs)
+
+
+@register_backbone
+def resnet50_vd(**kwargs) -> ResNetBackbone:
+    return ResNetBackbone("bottleneck", (3, 4, 6, 3), variant="d", **kwargs)
+
+
+@register_backbone
+def resnet101_vd(**kwargs) -> ResNetBackbone:
+    return ResNetBackbone("bottleneck", (3, 4, 23, 3), variant="d", **kwargs)

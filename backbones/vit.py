@@ -29,14 +29,14 @@ from typing import Any
 import timm
 import torch
 import torch.nn.functional as F
-from timm.layers import resample_abs_pos_embed
+from timm.layers import resample_abs_pos_embed, resample_patch_embed
 from timm.models import model_entrypoint, split_model_name_tag
 from timm.models.eva import Eva
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from ._registry import register_backbone, register_class
-from .base import Backbone
+from .base import Backbone, TokenContinuation
 from .pyramid import SimpleFeaturePyramid
 
 # The timm modules whose models are VisionTransformer / Eva.
@@ -205,6 +205,30 @@ class ViTBackbone(Backbone):
             return 0
         return self.num_layers + 1
 
+    def adapt_pretrained(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Weights of this ViT at another patch size or position grid (DINOv2's 14 px patches at 518 px for a
+        16 px ViT at 640 px, as EoMT trains) resampled to its own, as timm's loader does
+        (`vision_transformer.checkpoint_filter_fn`): the patch embedding by FlexiViT's pseudo-inverse resize,
+        the position embeddings bicubically, both antialiased. Weights of other widths are left to fail."""
+        vit = self.vit
+        patch = state_dict.get("vit.patch_embed.proj.weight")
+        own = vit.patch_embed.proj.weight
+        if patch is not None and patch.shape[:2] == own.shape[:2] and patch.shape[2:] != own.shape[2:]:
+            state_dict["vit.patch_embed.proj.weight"] = resample_patch_embed(
+                patch, list(own.shape[2:]), interpolation="bicubic", antialias=True
+            )
+        pos_embed = state_dict.get("vit.pos_embed")
+        if pos_embed is not None and vit.pos_embed is not None and pos_embed.shape[2:] == vit.pos_embed.shape[2:]:
+            if pos_embed.shape[1] != vit.pos_embed.shape[1]:
+                state_dict["vit.pos_embed"] = resample_abs_pos_embed(
+                    pos_embed,
+                    new_size=vit.patch_embed.grid_size,
+                    num_prefix_tokens=0 if vit.no_embed_class else vit.num_prefix_tokens,
+                    interpolation="bicubic",
+                    antialias=True,
+                )
+        return state_dict
+
     # ---- forward --------------------------------------------------------------------------------
     def _embed(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, tuple[int, int]]:
         """(B, C, H, W), H and W multiples of the patch -> (tokens (B, prefix + h * w, D), rotary embedding
@@ -238,12 +262,44 @@ class ViTBackbone(Backbone):
             patches = self.vit.norm(patches)
         return patches.reshape(patches.shape[0], *grid, -1).permute(0, 3, 1, 2)
 
-    def forward_features(self, pixel_values: torch.Tensor, positions: list[int]) -> tuple[torch.Tensor, ...]:
+    def _pad(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Zero-pad (B, C, H, W) bottom/right to multiples of the patch size."""
         height, width = pixel_values.shape[-2:]
         p = self.patch_size
-        if height % p or width % p:
+        if torch.compiler.is_exporting() or height % p or width % p:  # exported: sizes symbolic, pad always
             pixel_values = F.pad(pixel_values, (0, (-width) % p, 0, (-height) % p))
-        tokens, rope, grid = self._embed(pixel_values)
+        return pixel_values
+
+    def continuation(self, pixel_values: torch.Tensor, num_blocks: int) -> TokenContinuation:
+        """The embeddings and the first depth - `num_blocks` blocks run; the last `num_blocks` blocks, the tokens
+        and the final norm handed over (`base.TokenContinuation`). ViTs with absolute position embeddings
+        only: a head's extra tokens have no place in a rotary embedding (EVA-02, DINOv3)."""
+        if isinstance(self.vit, Eva):
+            raise ValueError(
+                f"{self.config['model_name']!r} uses rotary position embeddings: a head that continues the backbone "
+                "takes a ViT with absolute position embeddings (DINOv2, DINOv2 with registers)"
+            )
+        depth = len(self.vit.blocks)
+        if not 0 < num_blocks <= depth:
+            raise ValueError(
+                f"backbone_blocks={num_blocks}: choose 1 to {depth}, the depth of {self.config['model_name']!r}"
+            )
+        tokens, _, grid = self._embed(self._pad(pixel_values))
+        for block in self.vit.blocks[: depth - num_blocks]:
+            tokens = block(tokens)
+        return TokenContinuation(
+            tokens=tokens,
+            num_prefix_tokens=self.vit.num_prefix_tokens,
+            grid=grid,
+            patch_size=self.patch_size,
+            input_size=(pixel_values.shape[-2], pixel_values.shape[-1]),
+            blocks=list(self.vit.blocks[depth - num_blocks :]),
+            norm=self.vit.norm,
+        )
+
+    def forward_features(self, pixel_values: torch.Tensor, positions: list[int]) -> tuple[torch.Tensor, ...]:
+        height, width = pixel_values.shape[-2:]
+        tokens, rope, grid = self._embed(self._pad(pixel_values))
         block_kwargs = {"rope": rope} if isinstance(self.vit, Eva) else {}
         maps = [self._map(tokens, grid)] if 0 in positions else []
         for position, block in enumerate(self.vit.blocks[: positions[-1]], start=1):

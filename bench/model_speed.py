@@ -5,8 +5,12 @@
 
 Each model is a transformers `Mask2FormerForUniversalSegmentation` / `MaskFormerForInstanceSegmentation` built
 from a config (random weights; Swin-T or ResNet-50 backbone; default head: 100 queries, 9 Mask2Former decoder
-layers / 6 MaskFormer decoder layers, 6 deformable encoder layers), saved with `save_pretrained`, converted
-with `model.convert_mask2former` / `model.convert_maskformer` and loaded into our `Segmenter` (strict=True).
+layers / 6 MaskFormer decoder layers, 6 deformable encoder layers) or an `EomtForUniversalSegmentation` (ViT-S
+or the paper's ViT-L, patch 16, 4 registers, 200 queries in the last 4 blocks; its `image_size` the input's,
+which must be square: transformers' EoMT takes no other size), saved with `save_pretrained`, converted with
+`model.convert_mask2former` / `model.convert_maskformer` / `convert.eomt.convert_eomt` and loaded into our
+`Segmenter` (strict=True). `rtdetr-r50`: transformers' `RTDetrForObjectDetection` (RTDetrConfig defaults, ResNet-50-vd,
+80 classes; class logits and boxes for the masks; no targets, so no denoising queries), `convert.rtdetr`.
 Before timing, the two models' outputs are compared (max abs difference printed, asserted small).
 
 Timed, alternating ours / transformers (the order flips every step, so machine noise hits both alike),
@@ -15,7 +19,10 @@ median of `--steps` steps after `--warmup` steps:
 - training: train mode forward + backward of the sum of the class and mask logits of the final and every
   auxiliary prediction (no loss, so no loss-implementation difference enters the comparison).
 Both sides compute a prediction after every decoder layer (transformers' MaskFormer with
-`use_auxiliary_loss=True`, which adds one from the all-zero decoder input). The ResNet BatchNorms of the
+`use_auxiliary_loss=True`, which adds one from the all-zero decoder input). EoMT: inference as a trained model
+(mask annealing done: transformers' `attn_mask_probs` 0, no masked attention, one prediction), training as at
+step 0 (the masked attention always applied, a prediction before each of the 4 blocks, on both sides). The
+ResNet BatchNorms of the
 transformers backbone are frozen (timm's `freeze_batch_norm_2d`), as the converted backbone's are (the
 official fine-tuning setup). With `--device cuda`, peak memory is the step's `torch.cuda.max_memory_allocated`
 above what was allocated before it (both models' weights stay resident and are not counted).
@@ -35,16 +42,27 @@ import transformers
 from backbone_speed import cpu_name  # bench/ is the script's folder
 from timm.layers import freeze_batch_norm_2d
 from transformers import (
+    DeformableDetrConfig,
+    DeformableDetrForObjectDetection,
+    EomtConfig,
+    EomtForUniversalSegmentation,
     Mask2FormerConfig,
     Mask2FormerForUniversalSegmentation,
     MaskFormerConfig,
     MaskFormerForInstanceSegmentation,
     ResNetConfig,
+    RTDetrConfig,
+    RTDetrForObjectDetection,
+    RTDetrResNetConfig,
     SwinConfig,
 )
 
+from densepred.convert.deformable_detr import convert_deformable_detr
+from densepred.convert.eomt import convert_eomt
 from densepred.convert.mask2former import convert_mask2former
 from densepred.convert.maskformer import convert_maskformer
+from densepred.convert.rtdetr import convert_rtdetr
+from densepred.heads.box_ops import inverse_sigmoid
 from densepred.segmenter import Segmenter
 
 STAGES = ["stage1", "stage2", "stage3", "stage4"]
@@ -85,39 +103,126 @@ def hf_maskformer(backbone_config) -> MaskFormerForInstanceSegmentation:
     return MaskFormerForInstanceSegmentation(config)
 
 
-# name -> (transformers model builder, converter)
-MODELS: dict[str, tuple[Callable[[], torch.nn.Module], Callable]] = {
-    "m2f-swin": (lambda: hf_mask2former(swin_tiny_config(STAGES)), convert_mask2former),
-    "m2f-r50": (lambda: hf_mask2former(resnet50_config()), convert_mask2former),
+def hf_eomt(image_size: int, **sizes) -> EomtForUniversalSegmentation:
+    """EoMT (EomtConfig defaults: ViT-L/16, 4 registers, 200 queries in the last 4 blocks) at `image_size`."""
+    labels = {i: f"class_{i}" for i in range(NUM_CLASSES)}
+    return EomtForUniversalSegmentation(EomtConfig(image_size=image_size, id2label=labels, **sizes))
+
+
+def hf_rtdetr() -> RTDetrForObjectDetection:
+    """RT-DETR R50-vd (RTDetrConfig defaults: 300 queries, 6 decoder layers; frozen backbone BatchNorm), 80 classes."""
+    labels = {i: f"class_{i}" for i in range(80)}
+    backbone = RTDetrResNetConfig(out_indices=[2, 3, 4])
+    return RTDetrForObjectDetection(RTDetrConfig(backbone_config=backbone, id2label=labels))
+
+
+def hf_deformable_detr(**flags) -> DeformableDetrForObjectDetection:
+    """Deformable DETR R50 (DeformableDetrConfig defaults: timm ResNet-50 with frozen BatchNorm, 300 queries, 6 + 6
+    layers, 4 levels), 80 classes; `flags` with_box_refine / two_stage."""
+    labels = {i: f"class_{i}" for i in range(80)}
+    return DeformableDetrForObjectDetection(DeformableDetrConfig(id2label=labels, **flags))
+
+
+def deformable_detr_logits(model: DeformableDetrForObjectDetection, x: torch.Tensor) -> list[torch.Tensor]:
+    """[final class, final boxes, layer 0 class, boxes, ...] of transformers' Deformable DETR, which returns only the
+    final ones without labels: the earlier layers' are recomputed from its per-layer states with its own heads, as
+    its forward computes them (the prediction heads run twice on the earlier layers: a small part of the model)."""
+    out = model(pixel_values=x)
+    hidden, references = out.intermediate_hidden_states, out.intermediate_reference_points
+    logits = [out.logits, out.pred_boxes]
+    for level in range(hidden.shape[1] - 1):
+        reference = inverse_sigmoid(out.init_reference_points if level == 0 else references[:, level - 1])
+        delta = model.bbox_embed[level](hidden[:, level])
+        if reference.shape[-1] == 4:
+            boxes = delta + reference
+        else:
+            boxes = torch.cat([delta[..., :2] + reference, delta[..., 2:]], -1)
+        logits += [model.class_embed[level](hidden[:, level]), boxes.sigmoid()]
+    return logits
+
+
+# name -> (transformers model builder of the (square) input size, converter)
+MODELS: dict[str, tuple[Callable[[int], torch.nn.Module], Callable]] = {
+    "m2f-swin": (lambda size: hf_mask2former(swin_tiny_config(STAGES)), convert_mask2former),
+    "m2f-r50": (lambda size: hf_mask2former(resnet50_config()), convert_mask2former),
     # transformers' MaskFormer turns a Swin config into MaskFormerSwin (always the four stages)
-    "mf-swin": (lambda: hf_maskformer(swin_tiny_config(None)), convert_maskformer),
-    "mf-r50": (lambda: hf_maskformer(resnet50_config()), convert_maskformer),
+    "mf-swin": (lambda size: hf_maskformer(swin_tiny_config(None)), convert_maskformer),
+    "mf-r50": (lambda size: hf_maskformer(resnet50_config()), convert_maskformer),
+    "eomt-s": (
+        lambda size: hf_eomt(size, hidden_size=384, num_hidden_layers=12, num_attention_heads=6),
+        convert_eomt,
+    ),
+    "eomt-l": (hf_eomt, convert_eomt),
+    # boxes instead of masks; no targets, so no denoising queries on either side
+    "rtdetr-r50": (lambda size: hf_rtdetr(), convert_rtdetr),
+    "ddetr-r50": (lambda size: hf_deformable_detr(), convert_deformable_detr),
+    "ddetr-r50-2stage": (
+        lambda size: hf_deformable_detr(with_box_refine=True, two_stage=True),
+        convert_deformable_detr,
+    ),
 }
 
 
-def build_pair(name: str) -> tuple[Segmenter, torch.nn.Module]:
+def build_pair(name: str, image_size: int) -> tuple[Segmenter, torch.nn.Module]:
     """(ours, transformers) with the same weights: transformers model -> save_pretrained -> convert -> load."""
     build_reference, convert = MODELS[name]
     torch.manual_seed(0)
-    reference = build_reference()
+    reference = build_reference(image_size)
     with tempfile.TemporaryDirectory() as folder:
         reference.save_pretrained(folder)
         config, state_dict = convert(folder)
     ours = Segmenter.from_config(config)
     ours.load_state_dict(state_dict, strict=True)
-    freeze_batch_norm_2d(reference.model.pixel_level_module.encoder)
+    if isinstance(reference, DeformableDetrForObjectDetection):  # transformers' backbone BatchNorms are frozen
+        ours.backbone.model = freeze_batch_norm_2d(ours.backbone.model)
+    elif not isinstance(reference, (EomtForUniversalSegmentation, RTDetrForObjectDetection)):  # RT-DETR's are frozen
+        freeze_batch_norm_2d(reference.model.pixel_level_module.encoder)
     return ours, reference
 
 
 def ours_logits(model: Segmenter, x: torch.Tensor) -> list[torch.Tensor]:
-    """[final class, final mask, aux class, aux mask, ...] logits of our model."""
+    """[final class, final mask, aux class, aux mask, ...] logits of our model (detectors: boxes for masks)."""
     out = model(x)
     predictions = [out, *out["aux_outputs"]]
-    return [t for p in predictions for t in (p["pred_logits"], p["pred_masks"])]
+    second = "pred_boxes" if "pred_boxes" in out else "pred_masks"
+    return [t for p in predictions for t in (p["pred_logits"], p[second])]
+
+
+def eomt_logits(model: EomtForUniversalSegmentation, x: torch.Tensor) -> list[torch.Tensor]:
+    """[final class, final mask, per-block class, mask, ...] logits of transformers' EoMT, which returns only the
+    final ones: its `predict` recorded (the per-block predictions: in training, or while attn_mask_probs > 0)."""
+    recorded = []
+    predict = model.predict
+    model.predict = lambda tokens: recorded.append(predict(tokens)) or recorded[-1]
+    try:
+        model(x)
+    finally:
+        del model.predict
+    return [t for masks, classes in [recorded[-1], *recorded[:-1]] for t in (classes, masks)]
+
+
+def set_mode(model: torch.nn.Module, training: bool) -> None:
+    """Train / eval mode; transformers' EoMT as a trained model in eval (annealed: no masked attention) and as
+    at step 0 in training (always masked), as ours."""
+    model.train(training)
+    if isinstance(model, EomtForUniversalSegmentation):
+        model.attn_mask_probs.fill_(float(training))
 
 
 def reference_logits(model: torch.nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
     """[final class, final mask, aux class, aux mask, ...] logits of the transformers model."""
+    if isinstance(model, EomtForUniversalSegmentation):
+        return eomt_logits(model, x)
+    if isinstance(model, DeformableDetrForObjectDetection):
+        return deformable_detr_logits(model, x)
+    if isinstance(model, RTDetrForObjectDetection):  # [final class, final boxes, layer 0 class, boxes, ...]
+        out = model(pixel_values=x)
+        aux = range(out.intermediate_logits.shape[1] - 1)
+        return [
+            out.logits,
+            out.pred_boxes,
+            *(t for i in aux for t in (out.intermediate_logits[:, i], out.intermediate_reference_points[:, i])),
+        ]
     # transformers' MaskFormer needs output_hidden_states=True to build its auxiliary logits
     maskformer = isinstance(model, MaskFormerForInstanceSegmentation)
     out = model(x, output_auxiliary_logits=True, output_hidden_states=maskformer)
@@ -133,7 +238,7 @@ def check_agreement(name: str, ours: Segmenter, reference: torch.nn.Module, x: t
     input and skip the decoder LayerNorm), so for MaskFormer only the final logits are compared.
     """
     ours.eval()
-    reference.eval()
+    set_mode(reference, False)
     tf32 = torch.backends.cudnn.allow_tf32
     torch.backends.cudnn.allow_tf32 = False
     with torch.no_grad():
@@ -220,6 +325,8 @@ def main() -> None:
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
     where = torch.cuda.get_device_name(device) if cuda else f"{cpu_name()}, {torch.get_num_threads()} threads"
     height, width = args.size
+    if any(name.startswith("eomt") for name in args.models) and height != width:
+        parser.error(f"--size {height} {width}: transformers' EoMT takes square inputs only (its image_size)")
     print(
         f"# batch {args.batch}, {height}x{width}, {args.device} ({where}), amp={args.amp}, "
         f"median of {args.steps} steps after {args.warmup}, torch {torch.__version__}, "
@@ -236,7 +343,7 @@ def main() -> None:
     print(header)
     print(rule)
     for name in args.models:
-        ours, reference = (m.to(device) for m in build_pair(name))
+        ours, reference = (m.to(device) for m in build_pair(name, height))
         torch.manual_seed(0)
         x = torch.randn(args.batch, 3, height, width, device=device)
         diff, largest = check_agreement(name, ours, reference, x)
@@ -249,7 +356,7 @@ def main() -> None:
             args.steps,
         )
         ours.train()
-        reference.train()
+        set_mode(reference, True)
         train = measure(
             {"ours": step_fn(ours, ours_logits, True), "hf": step_fn(reference, reference_logits, True)},
             x,

@@ -182,7 +182,7 @@ def child(args: argparse.Namespace) -> None:
     if args.child == "prepare":  # as build_pair, with the files kept: model_speed's MODELS entry
         build_reference, convert = PAIRS[MODELS[args.models[0]]]
         torch.manual_seed(0)
-        build_reference().save_pretrained(folder / "hf")
+        build_reference(args.size[0]).save_pretrained(folder / "hf")
         config, state_dict = convert(str(folder / "hf"))
         (folder / "ours.json").write_text(json.dumps(config))
         save_file(state_dict, str(folder / "ours.safetensors"))
@@ -288,6 +288,12 @@ def main() -> None:
     memory = {}
     if not cuda and not args.no_memory:
         memory = {name: peak_rss(args, name) for name in args.models}
+        for name, sides in memory.items():  # also in the table below; printed now for a run cut short
+            print(
+                f"# peak RSS MiB {name}: "
+                + ", ".join(f"{side} {r['peak']:.0f} (+{r['peak'] - r['before']:.0f})" for side, r in sides.items()),
+                flush=True,
+            )
 
     header = "| setting | ours ms | HF ms | ours / HF | ours img/s | HF img/s | loss ours / HF (step 1) |"
     rule = "|---|---|---|---|---|---|---|"
@@ -300,7 +306,7 @@ def main() -> None:
     print(header)
     print(rule)
     for name in args.models:
-        ours, reference = (m.to(device).train() for m in build_pair(MODELS[name]))
+        ours, reference = (m.to(device).train() for m in build_pair(MODELS[name], height))
         data = synthetic_batch(ours, args.batch, height, width, device)
         losses: dict[str, list] = {"ours": [], "hf": []}
         steps = {

@@ -111,10 +111,15 @@ class Segmenter(nn.Module):
         float32 pixel values, 0 on the padding (outside each image's `image_sizes`)."""
         return normalize_images(images, image_sizes, self.pixel_mean, self.pixel_std)
 
-    def forward(self, images: torch.Tensor) -> dict[str, Any]:
-        """images (B, 3, H, W), normalised (`preprocess`) -> head output (`pred_logits`, `pred_masks`,
-        `aux_outputs`)."""
+    def forward(self, images: torch.Tensor, targets: Sequence[Mapping[str, Any]] | None = None) -> dict[str, Any]:
+        """images (B, 3, H, W), normalised (`preprocess`) -> head output (`pred_logits`, `pred_masks` or
+        `pred_boxes`, `aux_outputs`). `targets` (training, detection: the normalised targets) go to the head when
+        given, for heads that build queries from them (denoising)."""
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        features = list(self.backbone(images).feature_maps)
-        return self.head(self.neck(features))
+        # A head that continues the backbone (`backbone_blocks` > 0, e.g. EoMT) runs the backbone's last blocks
+        # itself: it gets the tokens before them and the blocks (`Backbone.continuation`) instead of maps.
+        blocks = getattr(self.head, "backbone_blocks", 0)
+        features = self.backbone.continuation(images, blocks) if blocks else list(self.backbone(images).feature_maps)
+        neck_output = self.neck(features)
+        return self.head(neck_output) if targets is None else self.head(neck_output, targets)

@@ -64,14 +64,33 @@ def draw_segments(
     return out
 
 
+def draw_boxes(
+    image: torch.Tensor,
+    boxes: torch.Tensor,
+    labels: Sequence[int],
+    categories: Sequence[Mapping[str, Any]],
+    scores: Sequence[float] | None = None,
+) -> torch.Tensor:
+    """image (3, H, W) uint8, boxes (N, 4) XYXY pixels, labels contiguous ids -> (3, H, W) uint8 with each box
+    drawn in its class color and labelled with the class name (and score): a box detector's predictions."""
+    if len(labels) == 0:
+        return image
+    palette = _palette(categories)
+    names = [str(categories[int(label)]["name"]) for label in labels]
+    if scores is not None:
+        names = [f"{name} {float(score):.2f}" for name, score in zip(names, scores, strict=True)]
+    colors = [palette[int(label)] for label in labels]
+    return draw_bounding_boxes(image.cpu(), boxes.float().cpu(), labels=names, colors=colors, width=2)
+
+
 def draw_prediction(
     image: torch.Tensor,
     prediction: Mapping[str, Any],
     categories: Sequence[Mapping[str, Any]],
     score_threshold: float = 0.5,
 ) -> torch.Tensor:
-    """Overlay one image's prediction (panoptic if present, else instances, else the semantic class map:
-    `sem_seg_labels`, or the arg-max of `sem_seg` scores at the image's size)."""
+    """Overlay one image's prediction (panoptic if present, else instances: masks, or boxes for a detector, else
+    the semantic class map: `sem_seg_labels`, or the arg-max of `sem_seg` scores at the image's size)."""
     if "panoptic_seg" in prediction:
         seg = prediction["panoptic_seg"].cpu()
         infos = prediction["segments_info"]
@@ -84,6 +103,8 @@ def draw_prediction(
         inst = prediction["instances"]
         keep = inst["scores"].cpu() >= score_threshold
         labels, scores = inst["labels"].cpu()[keep].tolist(), inst["scores"].cpu()[keep].tolist()
+        if "masks" not in inst:  # a box detector
+            return draw_boxes(image, inst["boxes"].cpu()[keep], labels, categories, scores)
         return draw_segments(image, inst["masks"].cpu()[keep], labels, categories, scores)
     labels = prediction["sem_seg_labels"] if "sem_seg_labels" in prediction else prediction["sem_seg"].argmax(0)
     labels = labels.cpu()
@@ -94,7 +115,9 @@ def draw_prediction(
 def draw_target(
     image: torch.Tensor, target: Mapping[str, Any], categories: Sequence[Mapping[str, Any]]
 ) -> torch.Tensor:
-    """Overlay one image's ground-truth segments (masks cropped to the image)."""
+    """Overlay one image's ground-truth segments (masks cropped to the image), or boxes (XYXY pixels of the image)."""
+    if "masks" not in target:
+        return draw_boxes(image, target["boxes"], target["labels"].tolist(), categories)
     height, width = image.shape[-2:]
     masks = target["masks"][:, :height, :width]
     return draw_segments(image, masks, target["labels"].tolist(), categories)

@@ -180,27 +180,7 @@ class HungarianMatcher(nn.Module):
         """
         costs = self.cost_matrices(predictions, targets).cpu()  # the one device -> host copy
         sizes = [len(t["labels"]) for t in targets]
-        per_image = min(costs.shape[2], max(sizes, default=0))  # pairs per image at most: min(Q, max N_b)
-        first_target = [0, *itertools.accumulate(sizes)][:-1]
-        packed = []
-        for index in range(costs.shape[0]):
-            pairs = []
-            for image, (query, target) in enumerate(_assign(costs[index], sizes, index)):
-                pairs.append(
-                    np.stack(
-                        [
-                            np.full_like(query, image),
-                            query,
-                            first_target[image] + target,
-                            image * per_image + np.arange(len(query)),
-                        ]
-                    )
-                )
-            packed.append(np.concatenate(pairs, axis=1) if pairs else np.zeros((4, 0), dtype=np.int64))
-        device = predictions[0]["pred_logits"].device
-        # host -> device without waiting: the copy is queued behind the work already on the device
-        indices = torch.from_numpy(np.stack(packed).astype(np.int64)).to(device, non_blocking=True)
-        return [Matches(*layer, slots_per_image=per_image) for layer in indices.unbind(0)]
+        return matches_from_costs(costs, sizes, predictions[0]["pred_logits"].device)
 
     @torch.no_grad()
     def forward(
@@ -231,6 +211,31 @@ class Matches:
     target: torch.Tensor
     slot: torch.Tensor
     slots_per_image: int
+
+
+def matches_from_costs(costs: torch.Tensor, sizes: Sequence[int], device: torch.device) -> list[Matches]:
+    """Solve the assignments of host costs (num_predictions, B, Q, max N_b) (columns past N_b are padding) and
+    send them to `device` in one asynchronous copy; one `Matches` per prediction."""
+    per_image = min(costs.shape[2], max(sizes, default=0))  # pairs per image at most: min(Q, max N_b)
+    first_target = [0, *itertools.accumulate(sizes)][:-1]
+    packed = []
+    for index in range(costs.shape[0]):
+        pairs = []
+        for image, (query, target) in enumerate(_assign(costs[index], sizes, index)):
+            pairs.append(
+                np.stack(
+                    [
+                        np.full_like(query, image),
+                        query,
+                        first_target[image] + target,
+                        image * per_image + np.arange(len(query)),
+                    ]
+                )
+            )
+        packed.append(np.concatenate(pairs, axis=1) if pairs else np.zeros((4, 0), dtype=np.int64))
+    # host -> device without waiting: the copy is queued behind the work already on the device
+    indices = torch.from_numpy(np.stack(packed).astype(np.int64)).to(device, non_blocking=True)
+    return [Matches(*layer, slots_per_image=per_image) for layer in indices.unbind(0)]
 
 
 def _float(prediction: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -273,7 +278,7 @@ def _assign(costs: torch.Tensor, sizes: Sequence[int], prediction: int | None) -
             which = "" if prediction is None else f" (prediction {prediction}: 0 is the final, i the auxiliary i-1)"
             raise ValueError(
                 f"HungarianMatcher: the matching cost of image {image} in the batch{which} is NaN, so the model's "
-                "predictions (pred_logits / pred_masks) contain NaN: training has diverged. Lower the "
+                "predictions (pred_logits / pred_masks / pred_boxes) contain NaN: training has diverged. Lower the "
                 "learning rate, enable gradient clipping (trainer.gradient_clip_val) or check the inputs."
             )
         query, target = linear_sum_assignment(cost.numpy())

@@ -1,1 +1,1 @@
-"""Necks (pixel decoders): fuse the backbone maps into mask features and decoder inputs."""
+"""Necks (pixel decoders, detection encoders): fuse the backbone maps into mask features and decoder inputs."""

@@ -7,7 +7,10 @@ The sampling itself is a pure function behind a small dispatch point, chosen by 
 - "pytorch": `ms_deform_attn_core` (`grid_sample`), the reference;
 - "embedding_bag": `ms_deform_attn_bag`, the same values as one sparse product, several times leaner;
 - "triton": the fused Triton kernels (`ms_deform_attn_triton`, CUDA tensors);
-- "auto" (the default): "triton" on CUDA when Triton is installed, else "embedding_bag".
+- "gather": `ms_deform_attn_gather`, bilinear sampling written as gathers, the portable core of exported graphs
+  (ONNX, torch.export: no grid_sample, no embedding_bag, symbolic level sizes);
+- "auto" (the default): "gather" while exporting (`torch.compiler.is_exporting()`, or an ONNX export), else
+  "triton" on CUDA when Triton is installed, else "embedding_bag".
 More (e.g. the CUDA op of the original code) can be added with `register_ms_deform_attn_implementation`.
 """
 
@@ -21,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from densepred.necks.ms_deform_attn_bag import ms_deform_attn_bag
+from densepred.necks.ms_deform_attn_gather import ms_deform_attn_gather
 
 MSDeformAttnFn = Callable[
     [torch.Tensor, Sequence[tuple[int, int]], Sequence[int], torch.Tensor, torch.Tensor], torch.Tensor
@@ -62,7 +66,11 @@ def ms_deform_attn_core(
     return output.view(batch, num_heads * head_dim, num_queries).transpose(1, 2)
 
 
-_IMPLEMENTATIONS: dict[str, MSDeformAttnFn] = {"pytorch": ms_deform_attn_core, "embedding_bag": ms_deform_attn_bag}
+_IMPLEMENTATIONS: dict[str, MSDeformAttnFn] = {
+    "pytorch": ms_deform_attn_core,
+    "embedding_bag": ms_deform_attn_bag,
+    "gather": ms_deform_attn_gather,
+}
 
 
 def register_ms_deform_attn_implementation(name: str, fn: MSDeformAttnFn) -> None:
@@ -82,7 +90,7 @@ def _register_triton() -> bool:
 
 
 def get_ms_deform_attn_implementation(name: str) -> MSDeformAttnFn:
-    """The registered sampling function called `name` ("pytorch" and "embedding_bag" are always there)."""
+    """The registered sampling function called `name` ("pytorch", "embedding_bag", "gather" are always there)."""
     if name == "triton":
         _register_triton()
     if name not in _IMPLEMENTATIONS:
@@ -93,10 +101,17 @@ def get_ms_deform_attn_implementation(name: str) -> MSDeformAttnFn:
     return _IMPLEMENTATIONS[name]
 
 
+def exporting() -> bool:
+    """Whether the model is being traced for export (torch.export, or torch.onnx's TorchScript exporter)."""
+    return torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export()
+
+
 def resolve_ms_deform_attn_implementation(name: str, device: torch.device) -> MSDeformAttnFn:
     """`name`'s function, "auto" meaning the fastest one for `device` (see the module docstring)."""
     if name != "auto":
         return get_ms_deform_attn_implementation(name)
+    if exporting():
+        return ms_deform_attn_gather
     if device.type == "cuda" and _register_triton():
         return _IMPLEMENTATIONS["triton"]
     return ms_deform_attn_bag
@@ -106,10 +121,24 @@ def level_normalizer(spatial_shapes: Sequence[tuple[int, int]], like: torch.Tens
     """(w, h) of every level as a (num_levels, 2) tensor of `like`'s dtype and device.
 
     Built on the host and copied with non_blocking=True: an asynchronous host-to-device copy, not a
-    synchronisation (a device tensor from a Python list would block until the device is idle).
+    synchronisation (a device tensor from a Python list would block until the device is idle). While
+    exporting, the sizes may be symbolic: they scale a tensor of ones instead (`torch.tensor` would fix them).
     """
+    if exporting():
+        one = like.new_ones(())
+        return torch.stack([torch.stack([one * w, one * h]) for h, w in spatial_shapes])
     shapes = torch.tensor([(w, h) for h, w in spatial_shapes], dtype=like.dtype)
     return shapes.to(like.device, non_blocking=True)
+
+
+def flatten_levels(maps: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list[tuple[int, int]], list[int]]:
+    """Maps (B, C, h_l, w_l) -> what `MSDeformAttn` reads as its value: the levels flattened one after the other
+    (B, S, C), the (h, w) of each level and the offset of each in S."""
+    shapes = [(m.shape[2], m.shape[3]) for m in maps]
+    starts = [0]
+    for height, width in shapes[:-1]:
+        starts.append(starts[-1] + height * width)
+    return torch.cat([m.flatten(2).transpose(1, 2) for m in maps], 1), shapes, starts
 
 
 class MSDeformAttn(nn.Module):
@@ -170,8 +199,9 @@ class MSDeformAttn(nn.Module):
         spatial_shapes: Sequence[tuple[int, int]],
         level_start_index: Sequence[int],
     ) -> torch.Tensor:
-        """query (B, Q, C) (position embedding already added), reference_points (B, Q, num_levels, 2) as (x, y)
-        in [0, 1], value (B, S, C) the flattened levels of `spatial_shapes` -> (B, Q, C)."""
+        """query (B, Q, C) (position embedding already added), reference_points (B, Q, num_levels or 1, 2) as
+        (x, y) in [0, 1], or (..., 4) boxes (cx, cy, w, h) whose offsets scale with the box (Deformable DETR's
+        refined / two-stage references), value (B, S, C) the flattened levels of `spatial_shapes` -> (B, Q, C)."""
         batch, num_queries, _ = query.shape
         heads, levels, points = self.num_heads, self.num_levels, self.num_points
         if len(spatial_shapes) != levels or value.shape[1] != sum(h * w for h, w in spatial_shapes):
@@ -183,9 +213,12 @@ class MSDeformAttn(nn.Module):
         offsets = self.sampling_offsets(query).view(batch, num_queries, heads, levels, points, 2)
         weights = self.attention_weights(query).view(batch, num_queries, heads, levels * points)
         weights = weights.softmax(-1).view(batch, num_queries, heads, levels, points)
-        # offsets are in pixels of each level: normalise by that level's (w, h)
-        normalizer = level_normalizer(spatial_shapes, offsets)
-        locations = reference_points[:, :, None, :, None, :] + offsets / normalizer[None, None, None, :, None, :]
+        if reference_points.shape[-1] == 4:  # boxes: offsets in units of half the box size / num_points
+            centers, sizes = reference_points[:, :, None, :, None, :2], reference_points[:, :, None, :, None, 2:]
+            locations = centers + offsets / points * sizes * 0.5
+        else:  # offsets are in pixels of each level: normalise by that level's (w, h)
+            normalizer = level_normalizer(spatial_shapes, offsets)
+            locations = reference_points[:, :, None, :, None, :] + offsets / normalizer[None, None, None, :, None, :]
         sample = resolve_ms_deform_attn_implementation(self.implementation, value.device)
         output = sample(value, spatial_shapes, level_start_index, locations, weights)
         return self.output_proj(output)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from densepred.layers import NeckOutput, PositionEmbeddingSine
-from densepred.necks.ms_deform_attn import MSDeformAttn
+from densepred.necks.ms_deform_attn import MSDeformAttn, flatten_levels
 
 
 class MSDeformAttnEncoderLayer(nn.Module):
@@ -59,17 +59,39 @@ class MSDeformAttnEncoderLayer(nn.Module):
 
 def reference_points(spatial_shapes: Sequence[tuple[int, int]], batch: int, device: torch.device) -> torch.Tensor:
     """Pixel centres of every level as (x, y) in [0, 1]: (B, S, num_levels, 2), the same point on every level
-    (no padding, so every valid ratio is 1)."""
+    (no padding, so every valid ratio is 1). The centres i + 1/2 as `arange` (exact, as the original's
+    `linspace`), which keeps symbolic sizes symbolic in an exported graph."""
     points = []
     for height, width in spatial_shapes:
         ref_y, ref_x = torch.meshgrid(
-            torch.linspace(0.5, height - 0.5, height, dtype=torch.float32, device=device) / height,
-            torch.linspace(0.5, width - 0.5, width, dtype=torch.float32, device=device) / width,
+            (torch.arange(height, dtype=torch.float32, device=device) + 0.5) / height,
+            (torch.arange(width, dtype=torch.float32, device=device) + 0.5) / width,
             indexing="ij",
         )
         points.append(torch.stack((ref_x.reshape(-1), ref_y.reshape(-1)), -1))
     points = torch.cat(points, 0)  # (S, 2)
     return points[None, :, None, :].expand(batch, -1, len(spatial_shapes), -1)
+
+
+def encode_levels(
+    srcs: Sequence[torch.Tensor], position_embedding: nn.Module, level_embed: torch.Tensor, layers: Sequence[nn.Module]
+) -> list[torch.Tensor]:
+    """Deformable encoding of projected levels (B, C, h_l, w_l): flattened together, each position embedded
+    (`position_embedding` plus its row of `level_embed`), refined by the `MSDeformAttnEncoderLayer`s with pixel
+    centre references -> the levels again, same shapes."""
+    batch, channels = srcs[0].shape[:2]
+    src, spatial_shapes, starts = flatten_levels(srcs)  # (B, S, C)
+    pos = torch.cat(
+        [position_embedding(x).flatten(2).transpose(1, 2) + level_embed[i].view(1, 1, -1) for i, x in enumerate(srcs)],
+        1,
+    )
+    points = reference_points(spatial_shapes, batch, src.device)
+    for layer in layers:
+        src = layer(src, pos, points, spatial_shapes, starts)
+    return [
+        x.transpose(1, 2).reshape(batch, channels, h, w)
+        for x, (h, w) in zip(src.split([h * w for h, w in spatial_shapes], dim=1), spatial_shapes, strict=True)
+    ]
 
 
 class MSDeformAttnPixelDecoder(nn.Module):
@@ -176,28 +198,7 @@ class MSDeformAttnPixelDecoder(nn.Module):
         levels = self.num_feature_levels
         coarse = features[-levels:][::-1]  # strides 32, 16, 8
         srcs = [proj(x) for proj, x in zip(self.input_proj, coarse, strict=True)]
-        batch = srcs[0].shape[0]
-        spatial_shapes = [(x.shape[2], x.shape[3]) for x in srcs]
-        level_start_index = [0]
-        for h, w in spatial_shapes[:-1]:
-            level_start_index.append(level_start_index[-1] + h * w)
-
-        src = torch.cat([x.flatten(2).transpose(1, 2) for x in srcs], 1)  # (B, S, C)
-        pos = torch.cat(
-            [
-                self.position_embedding(x).flatten(2).transpose(1, 2) + self.level_embed[i].view(1, 1, -1)
-                for i, x in enumerate(srcs)
-            ],
-            1,
-        )
-        points = reference_points(spatial_shapes, batch, src.device)
-        for layer in self.encoder_layers:
-            src = layer(src, pos, points, spatial_shapes, level_start_index)
-
-        outputs = [
-            x.transpose(1, 2).reshape(batch, self.conv_dim, h, w)
-            for x, (h, w) in zip(src.split([h * w for h, w in spatial_shapes], dim=1), spatial_shapes, strict=True)
-        ]
+        outputs = encode_levels(srcs, self.position_embedding, self.level_embed, self.encoder_layers)
         multi_scale_features = list(outputs)
         fine = features[: len(self.lateral_convs)][::-1]  # the FPN levels, coarse to fine
         for lateral, output_conv, x in zip(self.lateral_convs, self.output_convs, fine, strict=True):

@@ -11,8 +11,10 @@
 
 from __future__ import annotations
 
+import csv
 import importlib.util
 import json
+import math
 import os
 import subprocess
 import sys
@@ -21,6 +23,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import lightning
 import numpy as np
 import pycocotools.mask as mask_util
 import pytest
@@ -102,6 +105,20 @@ class TinyRun:
         ]
 
     @staticmethod
+    def predict_args(checkpoint: str | Path, images: str | Path, out: str | Path, hydra_dir: str | Path) -> list[str]:
+        """`predict.py` on a folder of `images` at the tiny evaluation size, on the CPU, writing to `out`."""
+        return [
+            "predict.py",
+            f"checkpoint={checkpoint}",
+            f"input={images}",
+            f"output={out}",
+            "short_side=64",
+            "max_size=96",
+            "device=cpu",
+            f"hydra.run.dir={hydra_dir}",
+        ]
+
+    @staticmethod
     def compose_train(overrides: list[str], output_dir: str | Path) -> DictConfig:
         """configs/train.yaml with `overrides`; `paths.output_dir` replaces `${hydra:...}` (absent in compose)."""
         from hydra import compose, initialize_config_dir
@@ -128,6 +145,48 @@ class TinyRun:
     @staticmethod
     def read_metrics(path: Path) -> dict[str, float | None]:
         return json.loads(path.read_text())
+
+    @staticmethod
+    def detection_overrides(
+        data_root: str | Path, head: list[str], backbone: str = "resnet18", max_steps: int = 2
+    ) -> list[str]:
+        """The tiny data as detection, `head` (`head=...` and its narrow sizes) on a random `backbone`, a
+        `max_steps` CPU run that logs every step."""
+        return [
+            *TinyRun.data_overrides(data_root, task="detection"),
+            *head,
+            *BACKBONES[backbone],
+            "backbone.pretrained=null",
+            "trainer.accelerator=cpu",
+            f"trainer.max_steps={max_steps}",
+            "trainer.log_every_n_steps=1",
+        ]
+
+    @staticmethod
+    def train_detection(cfg: DictConfig, output_dir: Path) -> tuple[dict[str, Any], list[dict[str, str]], set[str]]:
+        """Train `cfg` (output in `output_dir`) with train.py's main; check the losses are finite and COCO box AP
+        was validated and tested (in [0, 100], the test's equal to the returned one). Returns (the returned
+        results, the rows of metrics.csv, the model weights that moved)."""
+        from densepred.engine.build import build_datamodule, build_module
+
+        lightning.seed_everything(cfg.seed)
+        model = build_module(cfg, build_datamodule(cfg).metadata).model
+        initial = {k: v.clone() for k, v in model.state_dict().items()}
+        results = TinyRun.load_script("train").main.__wrapped__(cfg)
+        rows = list(csv.DictReader((output_dir / "csv" / "metrics.csv").open()))
+        losses = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
+        assert len(losses) == cfg.trainer.max_steps and all(math.isfinite(v) and v > 0 for v in losses)
+        assert any(r.get("val/bbox/AP") for r in rows)
+        step = f"{cfg.trainer.max_steps:07d}"
+        test_metrics = TinyRun.read_metrics(output_dir / "eval_test" / f"metrics_step{step}.json")
+        box_metrics = {"bbox/AP", "bbox/AP50", "bbox/AP75"}
+        assert box_metrics <= set(test_metrics) and not any(k.startswith("segm/") for k in test_metrics)
+        assert all(0.0 <= test_metrics[k] <= 100.0 for k in box_metrics)
+        assert abs(test_metrics["bbox/AP"] - results["bbox/AP"]) < 1e-6
+        state = torch.load(output_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+        trained = state["state_dict"]
+        moved = {k for k, v in initial.items() if v.is_floating_point() and not torch.equal(v, trained[f"model.{k}"])}
+        return results, rows, moved
 
 
 @pytest.fixture(scope="session")

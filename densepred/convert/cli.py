@@ -1,7 +1,7 @@
 """Convert a checkpoint once into our format: `python -m densepred.convert SRC DST`.
 
-SRC is a transformers MaskFormer / Mask2Former checkpoint (Hub repo id or folder; config.json model_type
-`maskformer` / `mask2former`), which becomes a whole-model export folder (`densepred.convert.model`), or
+SRC is a transformers MaskFormer / Mask2Former / EoMT checkpoint (Hub repo id or folder; config.json model_type
+`maskformer` / `mask2former` / `eomt`), which becomes a whole-model export folder (`densepred.convert.model`), or
 anything `AutoBackbone.from_pretrained` reads (transformers / timm Hub repo or folder, a weights file
 with --architecture, ...), which becomes a backbone folder. DST receives `config.json` +
 `model.safetensors`: `evaluate.py checkpoint=DST` / `train.py init_from=DST` read a model,
@@ -9,6 +9,9 @@ with --architecture, ...), which becomes a backbone folder. DST receives `config
 
     python -m densepred.convert facebook/mask2former-swin-tiny-coco-panoptic converted/m2f-swin-t
     python -m densepred.convert my-org/mask2former-my-data converted/mine --categories panoptic_train.json
+    python -m densepred.convert tue-mps/coco_panoptic_eomt_large_640 converted/eomt-l
+    python -m densepred.convert PekingU/rtdetr_r50vd converted/rtdetr-r50vd  # RTDetrForObjectDetection (rt_detr)
+    python -m densepred.convert SenseTime/deformable-detr converted/ddetr  # DeformableDetrForObjectDetection
     python -m densepred.convert microsoft/swin-tiny-patch4-window7-224 weights/swin_tiny [--out-indices 1 2 3 4]
 """
 

@@ -26,13 +26,27 @@ import torch
 from omegaconf import OmegaConf
 
 from densepred.backbones.checkpoint import resolve_checkpoint
+from densepred.convert.deformable_detr import convert_deformable_detr
+from densepred.convert.eomt import convert_eomt
 from densepred.convert.mask2former import convert_mask2former
 from densepred.convert.maskformer import convert_maskformer
+from densepred.convert.rtdetr import convert_rtdetr
 from densepred.export_format import write_export
 from densepred.segmenter import Segmenter
 
-# config.json model_type -> converter (MaskFormerForInstanceSegmentation, Mask2FormerForUniversalSegmentation).
-CONVERTERS = {"mask2former": convert_mask2former, "maskformer": convert_maskformer}
+# config.json model_type -> converter (MaskFormerForInstanceSegmentation, Mask2FormerForUniversalSegmentation,
+# EomtForUniversalSegmentation).
+CONVERTERS = {
+    "mask2former": convert_mask2former,
+    "maskformer": convert_maskformer,
+    "eomt": convert_eomt,
+    "deformable_detr": convert_deformable_detr,  # DeformableDetrForObjectDetection
+    "rt_detr": convert_rtdetr,  # RTDetrForObjectDetection (v1)
+}
+MODEL_KEYS = ("backbone", "neck", "head", "pixel_mean", "pixel_std")
+DETECTORS = ("deformable_detr", "rt_detr")  # their exports are for task "detection"
+# config.json model_type -> its shipped criterion config `configs/criterion/<name>.yaml`, where the names differ.
+CRITERIA = {"rt_detr": "rtdetr"}
 COCO_PANOPTIC_CATEGORIES = "coco_panoptic_categories.json"
 
 logger = logging.getLogger(__name__)
@@ -138,19 +152,21 @@ def convert_model(
         raise ValueError(
             f"{name_or_path}: config.json has model_type {model_type!r}; model.convert reads transformers "
             f"checkpoints of type {sorted(CONVERTERS)} (MaskFormerForInstanceSegmentation, "
-            "Mask2FormerForUniversalSegmentation)"
+            "Mask2FormerForUniversalSegmentation, EomtForUniversalSegmentation)"
         )
     segmenter_config, state_dict = CONVERTERS[model_type](name_or_path, revision=revision)
     names = list(segmenter_config.get("class_names") or [])
     config = {
-        "model": {key: segmenter_config[key] for key in ("backbone", "neck", "head")},
-        "criterion": criterion_config(model_type),
+        # pixel_mean / pixel_std: where the converter reads the checkpoint's input normalisation (RT-DETR: none)
+        "model": {key: segmenter_config[key] for key in MODEL_KEYS if key in segmenter_config},
+        "criterion": criterion_config(CRITERIA.get(model_type, model_type)),
         "metadata": {
             "categories": class_categories(names, categories, source=name_or_path),
             "num_classes": int(segmenter_config["num_classes"]),
             "ignore_index": 255,
         },
         "source": {"checkpoint": name_or_path, "revision": revision, "model_type": model_type},
+        **({"task": "detection"} if model_type in DETECTORS else {}),  # else the loader's default (panoptic)
     }
     return config, state_dict
 

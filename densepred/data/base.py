@@ -12,10 +12,10 @@ from torchvision import tv_tensors
 from .errors import BadImageError, DataError
 from .metadata import DatasetMetadata, GroundTruth
 from .reporting import Issue
-from .targets import semantic_target, target_from_masks, target_from_segment_map
+from .targets import semantic_target, target_from_boxes, target_from_masks, target_from_segment_map
 
 # The training tasks (the one list of them: the engine imports it).
-TASKS = ("panoptic", "instance", "semantic")
+TASKS = ("panoptic", "instance", "semantic", "detection")
 MAX_CONSECUTIVE_SKIPS = 16
 
 
@@ -28,8 +28,8 @@ class SegmentationDataset(Dataset):
         "image": (H, W, 3) uint8, "image_id", "orig_size": (H, W), "file_name",
         "labels": (N,) int64 contiguous, "iscrowd": (N,) bool, and the segments as one of
         "segment_map": (H, W) int32 (0 void, k + 1 = segment k; panoptic), "masks": (N, H, W) uint8
-        (instances, may overlap) or "sem_seg": (H, W) int64 (label maps, ignore_index where unlabeled),
-        "issues": list of (reason, message) found while decoding.
+        (instances, may overlap) or "sem_seg": (H, W) int64 (label maps, ignore_index where unlabeled), or
+        for detection "boxes": (N, 4) float32 XYXY pixels, "issues": list of (reason, message) found while decoding.
     `__getitem__` applies the transform and returns {"image": (3, h, w) uint8, "target": {...},
     "image_id", "orig_size", "issues"}, the target as in docs/architecture.md (before padding).
     """
@@ -64,7 +64,7 @@ class SegmentationDataset(Dataset):
         issues: list[Issue] = []
         for _ in range(MAX_CONSECUTIVE_SKIPS):
             try:
-                raw = self.load_raw(index, include_crowd=self.task != "instance")
+                raw = self.load_raw(index, include_crowd=self.task not in ("instance", "detection"))
                 break
             except BadImageError as error:
                 if not self.skip_bad_images:
@@ -83,6 +83,10 @@ class SegmentationDataset(Dataset):
         for key in ("segment_map", "masks", "sem_seg"):
             if key in raw:
                 inputs[key] = tv_tensors.Mask(torch.from_numpy(raw[key]))
+        if "boxes" in raw:
+            inputs["boxes"] = tv_tensors.BoundingBoxes(
+                torch.from_numpy(raw["boxes"]), format="XYXY", canvas_size=tuple(raw["image"].shape[:2])
+            )
         if self.transform is not None:
             inputs = self.transform(inputs)
         labels = torch.from_numpy(raw["labels"])
@@ -94,6 +98,8 @@ class SegmentationDataset(Dataset):
             target = target_from_segment_map(
                 inputs["segment_map"].as_subclass(torch.Tensor), labels, iscrowd, self._isthing, self.task, ignore_index
             )
+        elif "boxes" in inputs:
+            target = target_from_boxes(inputs["boxes"].as_subclass(torch.Tensor)[~iscrowd], labels[~iscrowd])
         elif "masks" in inputs:
             target = target_from_masks(inputs["masks"].as_subclass(torch.Tensor)[~iscrowd], labels[~iscrowd])
         else:

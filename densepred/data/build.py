@@ -33,20 +33,21 @@ def resolve_split(split: str, settings: Mapping[str, Any] | None, root: Path) ->
 
 
 def _source(task: str, split: str, settings: Mapping[str, Any]) -> str:
-    """Which reader serves `task` for these settings: "semantic_folder", "instance" or "panoptic"."""
+    """Which reader serves `task` for these settings: "semantic_folder", "instance" (instance, detection) or
+    "panoptic"."""
     if task not in TASKS:
         raise DataError(f"data.task={task!r} is not one of {list(TASKS)}")
     if settings.get("sem_seg_dir"):
         needed, source = ("img_dir",), "semantic_folder"
-    elif task == "instance":
+    elif task in ("instance", "detection"):
         needed, source = ("img_dir", "ann_file"), "instance"
     else:
         needed, source = ("img_dir", "panoptic_json", "panoptic_root"), "panoptic"
     missing = [f"data.{split}.{key}" for key in needed if not settings.get(key)]
     if missing:
         raise DataError(
-            f"task={task} needs {', '.join(missing)} (instance: img_dir + ann_file; panoptic/semantic: img_dir + "
-            "panoptic_json + panoptic_root; semantic from label maps: img_dir + sem_seg_dir)"
+            f"task={task} needs {', '.join(missing)} (instance, detection: img_dir + ann_file; panoptic/semantic: "
+            "img_dir + panoptic_json + panoptic_root; semantic from label maps: img_dir + sem_seg_dir)"
         )
     return source
 

@@ -1,8 +1,9 @@
-"""COCO instance segmentation: `instances_*.json` (polygons, RLE, crowd) plus an image folder."""
+"""COCO instances: `instances_*.json` (polygons, RLE, crowd; or boxes only for detection) plus an image folder."""
 
 from __future__ import annotations
 
 import logging
+import math
 from collections import defaultdict
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -56,6 +57,35 @@ def check_segmentation(segm: Any, height: int, width: int) -> tuple[Any, tuple[s
     return None, ("malformed segmentation", "unsupported 'segmentation' (need polygons or RLE)")
 
 
+def check_box(bbox: Any, height: int, width: int) -> tuple[list[float] | None, tuple[str, str] | None]:
+    """Validate one annotation's COCO `bbox` [x, y, w, h]; returns (XYXY box clipped to the image, problem or None).
+
+    Problems (the annotation is dropped): not a list of 4 numbers ("malformed box"), NaN or infinite values
+    ("non-finite box"), a negative width or height ("negative box size"), zero width or height ("empty box"),
+    no overlap with the image ("box outside the image"). A box reaching past the image border is clipped to it,
+    as DETR's data pipeline does.
+    """
+    if bbox is None:
+        return None, ("missing box", "has no 'bbox'; detection needs [x, y, width, height] in pixels")
+    if (
+        not isinstance(bbox, (list, tuple))
+        or len(bbox) != 4
+        or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in bbox)
+    ):
+        return None, ("malformed box", f"bbox {bbox!r} is not a list of 4 numbers [x, y, width, height]")
+    if not all(math.isfinite(v) for v in bbox):
+        return None, ("non-finite box", f"bbox {bbox} holds NaN or infinite values")
+    x, y, w, h = (float(v) for v in bbox)
+    if w < 0 or h < 0:
+        return None, ("negative box size", f"bbox {bbox} has a negative width or height")
+    if w == 0 or h == 0:
+        return None, ("empty box", f"bbox {bbox} has zero width or height")
+    x0, y0, x1, y1 = max(x, 0.0), max(y, 0.0), min(x + w, float(width)), min(y + h, float(height))
+    if x1 <= x0 or y1 <= y0:
+        return None, ("box outside the image", f"bbox {bbox} does not overlap the {width} x {height} image")
+    return [x0, y0, x1, y1], None
+
+
 def decode_segmentations(segms: list[Any], height: int, width: int) -> np.ndarray:
     """Polygons / uncompressed RLE / compressed RLE -> (N, H, W) uint8 masks, via pycocotools."""
     if not segms:
@@ -72,9 +102,13 @@ def decode_segmentations(segms: list[Any], height: int, width: int) -> np.ndarra
 
 
 def index_instances(
-    data: Mapping[str, Any], path: str, metadata: DatasetMetadata
+    data: Mapping[str, Any], path: str, metadata: DatasetMetadata, boxes: bool = False
 ) -> tuple[list[dict[str, Any]], list[Issue]]:
-    """Per-image records (annotations grouped, checked and mapped to contiguous ids) and the issues found."""
+    """Per-image records (annotations grouped, checked and mapped to contiguous ids) and the issues found.
+
+    Each annotation becomes (id, label, iscrowd, segmentation), or with `boxes` (detection: the segmentation
+    is ignored) (id, label, iscrowd, XYXY box clipped to the image).
+    """
     images = index_images(data, path)
     annotations: dict[int, list[tuple]] = defaultdict(list)
     issues: list[Issue] = []
@@ -96,10 +130,13 @@ def index_instances(
             issues.append(("unknown category", f"{where}: category id {ann.get('category_id')} is not in 'categories'"))
             continue
         bbox = ann.get("bbox")
-        if isinstance(bbox, list) and len(bbox) == 4 and (bbox[2] < 0 or bbox[3] < 0):
+        if boxes:
+            segm, problem = check_box(bbox, image["height"], image["width"])
+        elif isinstance(bbox, list) and len(bbox) == 4 and (bbox[2] < 0 or bbox[3] < 0):
             issues.append(("negative box size", f"{where}: bbox {bbox} has a negative width or height"))
             continue
-        segm, problem = check_segmentation(ann.get("segmentation"), image["height"], image["width"])
+        else:
+            segm, problem = check_segmentation(ann.get("segmentation"), image["height"], image["width"])
         if problem is not None:
             issues.append((problem[0], f"{where}: {problem[1]}"))
             continue
@@ -130,9 +167,11 @@ def filter_records(records: list[dict[str, Any]], path: str, filter_empty: bool,
 class CocoInstanceDataset(SegmentationDataset):
     """COCO-format instances JSON + image folder; also the reader for custom COCO-format data.
 
+    Task "instance" (masks) or "detection" (boxes: each annotation's `bbox`, its segmentation ignored).
     Annotations are checked and indexed once (serialized, see records.py); masks are decoded per item.
     Problem annotations (unknown category, polygon with < 3 points or zero area, negative box size, RLE of
-    the wrong size, unknown image id) are dropped, counted and reported once when the dataset is built.
+    the wrong size, unknown image id; for detection a malformed, non-finite, negative, empty or outside box)
+    are dropped, counted and reported once when the dataset is built.
     With `check_sizes` each image file's header is compared with its JSON height/width at start-up
     (`coco_json.check_image_sizes`, ~0.1 ms per image).
     """
@@ -150,9 +189,9 @@ class CocoInstanceDataset(SegmentationDataset):
         check_sizes: bool = True,
     ) -> None:
         super().__init__(task, transform, skip_bad_images)
-        if task != "instance":
+        if task not in ("instance", "detection"):
             raise DataError(
-                f"{ann_file}: an instances JSON gives task=instance only; task={task} needs panoptic_json/"
+                f"{ann_file}: an instances JSON gives task=instance or detection only; task={task} needs panoptic_json/"
                 "panoptic_root (panoptic, semantic) or sem_seg_dir (semantic)"
             )
         self.img_dir = Path(img_dir)
@@ -161,7 +200,7 @@ class CocoInstanceDataset(SegmentationDataset):
         self.ground_truth = GroundTruth(
             self.metadata, ann_file=str(ann_file), panoptic_json=panoptic_json, panoptic_root=panoptic_root
         )
-        records, issues = index_instances(data, str(ann_file), self.metadata)
+        records, issues = index_instances(data, str(ann_file), self.metadata, boxes=task == "detection")
         num_annotations = len(data["annotations"])
         del data
         for record in records:
@@ -171,9 +210,11 @@ class CocoInstanceDataset(SegmentationDataset):
             raise DataError(
                 f"{ann_file}: {missing} of {num_annotations} annotations have no 'segmentation' (box-only "
                 "annotations, e.g. a detection file) and no image has a usable mask; segmentation tasks need masks: "
-                "polygons or RLE in each annotation's 'segmentation' (COCO's instances_*.json has them)"
+                "polygons or RLE in each annotation's 'segmentation' (COCO's instances_*.json has them); to train a "
+                "box detector on this file set data.task=detection"
             )
-        records = filter_records(records, str(ann_file), filter_empty, "non-crowd annotations")
+        what = "non-crowd boxes" if task == "detection" else "non-crowd annotations"
+        records = filter_records(records, str(ann_file), filter_empty, what)
         if check_sizes:
             check_image_sizes(records, self.img_dir, ann_file)
         self.index_issues = IssueReport()
@@ -187,13 +228,7 @@ class CocoInstanceDataset(SegmentationDataset):
         height, width = record["height"], record["width"]
         image = read_image(self.img_dir / record["file_name"], record["image_id"], (height, width))
         anns = [a for a in record["annotations"] if include_crowd or not a[2]]
-        try:
-            masks = decode_segmentations([a[3] for a in anns], height, width)
-        except (ValueError, TypeError, OverflowError) as e:
-            raise DataError(
-                f"image id {record['image_id']}: a segmentation cannot be decoded by pycocotools ({e})"
-            ) from None
-        return {
+        raw = {
             "image": image,
             "image_id": record["image_id"],
             "orig_size": (height, width),
@@ -201,6 +236,16 @@ class CocoInstanceDataset(SegmentationDataset):
             "labels": np.array([a[1] for a in anns], dtype=np.int64),
             "iscrowd": np.array([a[2] for a in anns], dtype=bool),
             "annotation_ids": [a[0] for a in anns],
-            "masks": masks,
             "issues": [],
         }
+        if self.task == "detection":
+            raw["boxes"] = np.array([a[3] for a in anns], dtype=np.float32).reshape(-1, 4)
+            return raw
+        try:
+            masks = decode_segmentations([a[3] for a in anns], height, width)
+        except (ValueError, TypeError, OverflowError) as e:
+            raise DataError(
+                f"image id {record['image_id']}: a segmentation cannot be decoded by pycocotools ({e})"
+            ) from None
+        raw["masks"] = masks
+        return raw

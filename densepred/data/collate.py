@@ -44,9 +44,10 @@ class Collate:
         for i, (sample, (h, w)) in enumerate(zip(samples, sizes, strict=True)):
             images[i, :, :h, :w] = sample["image"]
             target = dict(sample["target"])
-            masks = torch.zeros(target["masks"].shape[0], pad_h, pad_w, dtype=torch.bool)
-            masks[:, :h, :w] = target["masks"]
-            target["masks"] = masks
+            if "masks" in target:  # boxes (detection) need no padding: it is bottom / right
+                masks = torch.zeros(target["masks"].shape[0], pad_h, pad_w, dtype=torch.bool)
+                masks[:, :h, :w] = target["masks"]
+                target["masks"] = masks
             if "sem_seg" in target:
                 sem_seg = torch.full((pad_h, pad_w), self.ignore_index, dtype=torch.long)
                 sem_seg[:h, :w] = target["sem_seg"]

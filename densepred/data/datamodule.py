@@ -24,7 +24,7 @@ from .transforms import build_transform, recipe_fixed_size
 
 
 class DataModule(LightningDataModule):
-    """Train / val / test loaders for task "panoptic", "instance" or "semantic".
+    """Train / val / test loaders for task "panoptic", "instance", "semantic" or "detection" (boxes).
 
     Split settings (`train`, `val`, `test`; test defaults to val) hold paths relative to `root`
     (absolute paths are kept): img_dir, ann_file, panoptic_json, panoptic_root or sem_seg_dir, and options

@@ -1,7 +1,8 @@
-"""MaskFormer-style training targets built from transformed segment maps, masks or label maps.
+"""Training targets built from transformed segment maps, masks, label maps or boxes.
 
-Targets hold labels and masks only; a head that needs boxes derives them from the masks with
+Segmentation targets hold labels and masks only; a head that needs boxes derives them from the masks with
 `torchvision.ops.masks_to_boxes`, the box convention of the whole project (as the post-processing does).
+Detection targets hold labels and XYXY pixel boxes.
 """
 
 from __future__ import annotations
@@ -51,3 +52,13 @@ def target_from_segment_map(
 def target_from_masks(masks: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
     """Targets from (N, H, W) per-instance masks (may overlap) and (N,) labels."""
     return _segments_target(masks.bool(), labels)
+
+
+def target_from_boxes(boxes: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Targets from (N, 4) XYXY pixel boxes (transformed and clipped to the image) and (N,) labels.
+
+    Boxes a crop left without area (x1 <= x0 or y1 <= y0) are dropped, as DETR's crop does.
+    """
+    boxes = boxes.float()
+    keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+    return {"labels": labels[keep], "boxes": boxes[keep]}

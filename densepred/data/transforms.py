@@ -66,6 +66,39 @@ class RandomCropUpTo(v2.Transform):
         return F.crop(inpt, **params)
 
 
+class RandomSizeCrop(v2.Transform):
+    """A crop of random height in [min_size, min(H, max_size)] and width in [min_size, min(W, max_size)] at a
+    random place (DETR's `RandomSizeCrop`)."""
+
+    def __init__(self, min_size: int, max_size: int) -> None:
+        super().__init__()
+        self.min_size, self.max_size = min_size, max_size
+
+    def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
+        height, width = v2.query_size(flat_inputs)
+        crop_h = int(torch.randint(min(self.min_size, height), min(height, self.max_size) + 1, ()))
+        crop_w = int(torch.randint(min(self.min_size, width), min(width, self.max_size) + 1, ()))
+        top = int(torch.randint(height - crop_h + 1, ()))
+        left = int(torch.randint(width - crop_w + 1, ()))
+        return {"top": top, "left": left, "height": crop_h, "width": crop_w}
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        return F.crop(inpt, **params)
+
+
+def detr(
+    short_sides: Sequence[int] = tuple(range(480, 801, 32)),
+    max_size: int = 1333,
+    crop_short_sides: Sequence[int] = (400, 500, 600),
+    crop: Sequence[int] = (384, 600),
+) -> v2.Compose:
+    """DETR / Deformable DETR's COCO recipe: flip, then either a random short side (480..800, long side at most
+    1333) or, half the time, a random short side of 400 / 500 / 600, a random crop of 384..600 and the first."""
+    resize = v2.RandomShortestSize(list(short_sides), max_size=max_size)
+    cropped = v2.Compose([v2.RandomShortestSize(list(crop_short_sides)), RandomSizeCrop(*crop), resize])
+    return v2.Compose([v2.RandomHorizontalFlip(), v2.RandomChoice([resize, cropped])])
+
+
 def lsj(size: int = 1024, scale: Sequence[float] = (0.1, 2.0)) -> v2.Compose:
     """Large-scale jitter (Mask2Former's COCO recipe): flip, random scale of a size x size target, crop."""
     return v2.Compose([v2.RandomHorizontalFlip(), LargeScaleJitter(size, scale)])
@@ -90,11 +123,11 @@ def resize(short: int = 800, max_size: int = 1333) -> v2.Compose:
     return v2.Compose([v2.Resize(short, max_size=max_size)])
 
 
-RECIPES = {"lsj": lsj, "ade": ade, "resize": resize}
+RECIPES = {"lsj": lsj, "ade": ade, "resize": resize, "detr": detr}
 
 
 def build_transform(recipe: str, **kwargs: Any) -> v2.Compose:
-    """A recipe by name ("lsj", "ade", "resize") with its sizes, e.g. build_transform("lsj", size=128)."""
+    """A recipe by name ("lsj", "ade", "resize", "detr") with its sizes, e.g. build_transform("lsj", size=128)."""
     if recipe not in RECIPES:
         raise DataError(f"transform recipe {recipe!r} is unknown; choose one of {sorted(RECIPES)}")
     try:

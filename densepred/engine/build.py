@@ -18,7 +18,7 @@ from densepred.engine.module import SegmentationModule
 from densepred.engine.trust import training_targets
 
 # The metric that picks the best checkpoint for each task (logged as "val/<metric>").
-MAIN_METRIC = {"panoptic": "val/PQ", "instance": "val/segm/AP", "semantic": "val/mIoU"}
+MAIN_METRIC = {"panoptic": "val/PQ", "instance": "val/segm/AP", "semantic": "val/mIoU", "detection": "val/bbox/AP"}
 
 OmegaConf.register_new_resolver("main_metric", lambda task: MAIN_METRIC[task], replace=True)
 

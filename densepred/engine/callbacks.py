@@ -74,10 +74,14 @@ class ValidationOverlays(Callback):
             image = F.interpolate(image[None], size=(height, width), mode="bilinear", align_corners=False)[0]
             image = image.round().clamp(0, 255).to(torch.uint8)
             target = dict(batch["targets"][index])
-            masks = target["masks"][:, :h, :w].float().cpu()
-            if len(masks):
-                masks = F.interpolate(masks[None], size=(height, width), mode="nearest")[0].bool()
-            target["masks"] = masks
+            if "masks" in target:
+                masks = target["masks"][:, :h, :w].float().cpu()
+                if len(masks):
+                    masks = F.interpolate(masks[None], size=(height, width), mode="nearest")[0].bool()
+                target["masks"] = masks
+            else:  # detection: boxes in the resized image's pixels, drawn at the original size
+                scale = torch.tensor([width / w, height / h, width / w, height / h])
+                target["boxes"] = target["boxes"].cpu() * scale
             prediction = draw_prediction(image, outputs[index], categories)
             panel = torch.cat([prediction, draw_target(image, target, categories)], dim=2)
             save_png(panel, self.dirpath / f"step{trainer.global_step:07d}_image{self.drawn}.png")

@@ -20,6 +20,8 @@ from densepred.engine.optim import build_adamw
 from densepred.engine.schedules import build_scheduler
 from densepred.engine.trust import check_model_config, load_checkpoint_file
 from densepred.evaluation.build import EVALUATIONS, build_evaluators
+from densepred.heads.box_criterion import BoxCriterion
+from densepred.heads.box_ops import normalized_targets
 from densepred.segmenter import Segmenter
 from densepred.utils.checkpointing import enable_activation_checkpointing
 from densepred.utils.io import atomic_write_json
@@ -30,6 +32,8 @@ log = logging.getLogger(__name__)
 # layers) can be checkpointed; `compile`: what torch.compile compiles.
 CHECKPOINTABLE = ("backbone", "neck", "head")
 COMPILE_CHOICES = (False, True, "backbone")
+# Post-processing settings of masks only (configs/postprocess/default.yaml), not given to a box detector's.
+MASK_POSTPROCESS_KEYS = ("object_mask_threshold", "overlap_threshold", "exact_max_pixels")
 
 
 class SegmentationModule(LightningModule):
@@ -78,6 +82,12 @@ class SegmentationModule(LightningModule):
         elif compile:
             self.model.compile()
         self.criterion = instantiate(dict(criterion), num_classes=num_classes)
+        if isinstance(self.criterion, BoxCriterion) != (task == "detection"):
+            raise ValueError(
+                f"data.task={task} with the criterion {type(self.criterion).__name__}: box detectors "
+                "(head=deformable_detr, head=rtdetr) train with data.task=detection, mask heads with panoptic / "
+                "instance / semantic"
+            )
         self.postprocess = self._build_postprocessor(dict(postprocess or {}))
         self.evaluations = tuple(evaluations) if evaluations is not None else EVALUATIONS[task]
         self.optimizer_config = dict(optimizer or {})
@@ -120,6 +130,10 @@ class SegmentationModule(LightningModule):
 
     # ------------------------------------------------------------------ model
     def _build_postprocessor(self, config: dict) -> torch.nn.Module:
+        if self.task == "detection":  # boxes: only the top-k applies, the mask thresholds do not
+            from densepred.heads.box_postprocess import BoxPostProcessor
+
+            return BoxPostProcessor(**{k: v for k, v in config.items() if k not in MASK_POSTPROCESS_KEYS})
         from densepred.heads.postprocess import PostProcessor
 
         things = [k for k, c in enumerate(self.metadata["categories"]) if c["isthing"]]
@@ -136,9 +150,10 @@ class SegmentationModule(LightningModule):
         """images (B, 3, H, W) normalised (`self.model.preprocess`) -> raw head outputs."""
         return self.model(images)
 
-    def _outputs(self, batch: Mapping[str, Any]) -> dict[str, Any]:
-        """Raw head outputs for a collated batch: its raw images normalised by the model, padding zeroed."""
-        return self.model(self.model.preprocess(batch["images"], batch["image_sizes"]))
+    def _outputs(self, batch: Mapping[str, Any], targets: Sequence[Mapping[str, Any]] | None = None) -> dict[str, Any]:
+        """Raw head outputs for a collated batch: its raw images normalised by the model, padding zeroed
+        (`targets`, given to the head: a detection batch's normalised targets in training)."""
+        return self.model(self.model.preprocess(batch["images"], batch["image_sizes"]), targets)
 
     @torch.no_grad()
     def predict(self, batch: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -146,6 +161,9 @@ class SegmentationModule(LightningModule):
         batch (predict.py's, when every image of it was unreadable and skipped) predicts nothing."""
         if batch["images"].shape[0] == 0:
             return []
+        if self.task == "detection":  # boxes are normalised by the padded size
+            padded = batch["images"].shape[-2:]
+            return self.postprocess(self._outputs(batch), padded, batch["image_sizes"], batch["orig_sizes"])
         return self.postprocess(self._outputs(batch), batch["image_sizes"], batch["orig_sizes"])
 
     def predict_step(self, batch: Mapping[str, Any], batch_idx: int, dataloader_idx: int = 0) -> list[dict[str, Any]]:
@@ -153,9 +171,20 @@ class SegmentationModule(LightningModule):
         return self.predict(batch)
 
     # --------------------------------------------------------------- training
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        """A head whose training follows the step (EoMT's mask annealing) gets it through its
+        `set_training_progress(step)` hook: the optimizer steps done before this batch."""
+        set_progress = getattr(self.model.head, "set_training_progress", None)
+        if set_progress is not None:
+            set_progress(self.global_step)
+
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
-        outputs = self._outputs(batch)
-        losses = self.criterion(outputs, batch["targets"])
+        if self.task == "detection":  # boxes (cx, cy, w, h) normalised by the padded size, for head and criterion
+            targets = normalized_targets(batch["targets"], batch["images"].shape[-2:])
+            outputs = self._outputs(batch, targets)
+        else:
+            targets, outputs = batch["targets"], self._outputs(batch)
+        losses = self.criterion(outputs, targets)
         loss = torch.stack(list(losses.values())).sum()
         batch_size = batch["images"].shape[0]
         main = {f"train/{name}": value for name, value in losses.items() if not name[-1].isdigit()}

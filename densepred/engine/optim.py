@@ -3,7 +3,7 @@ plain ViT backbones, layer-wise learning-rate decay (ViTDet / BEiT)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -61,6 +61,7 @@ def param_groups(
     no_decay_keywords: Sequence[str] = NO_DECAY_KEYWORDS,
     backbone_prefix: str = "backbone.",
     layer_decay: float | None = None,
+    lr_multipliers: Mapping[str, float] | None = None,
 ) -> list[dict]:
     """Split trainable parameters into groups of equal (lr, weight decay), each named for the LR monitor.
 
@@ -72,6 +73,9 @@ def param_groups(
     (`layer_decay`, or the backbone's own `layer_decay` when None), a backbone parameter in layer i
     (`backbone.lr_layer_id`: 0 the embeddings, 1..L the blocks, L + 1 the final norm and the pyramid) gets
     `lr * d ** (L + 1 - i)` in place of the flat `backbone_lr_multiplier`.
+
+    `lr_multipliers` {keyword: m}: a parameter whose name contains the keyword (the first that matches) has its
+    lr multiplied by m as well (Deformable DETR: `sampling_offsets` and `reference_points` at 0.1).
     """
     backbone, decay_rate = _layer_decay(model, backbone_prefix, layer_decay)
     groups: dict[tuple[str, int | None, float, float], list[nn.Parameter]] = {}
@@ -96,6 +100,10 @@ def param_groups(
             if any(keyword in full_name for keyword in no_decay_keywords):
                 decay = 0.0
             part = "backbone" if in_backbone else "head"
+            keyword = next((k for k in lr_multipliers or {} if k in full_name), None)
+            if keyword is not None:
+                group_lr *= lr_multipliers[keyword]
+                part = f"{part}_{keyword}"
             groups.setdefault((part, layer, group_lr, decay), []).append(param)
     return [
         {
@@ -119,6 +127,7 @@ def build_adamw(
     no_decay_keywords: Sequence[str] = NO_DECAY_KEYWORDS,
     layer_decay: float | None = None,
     fused: bool | None = None,
+    lr_multipliers: Mapping[str, float] | None = None,
 ) -> torch.optim.AdamW:
     """AdamW over `param_groups(...)` (Mask2Former: lr 1e-4, weight decay 0.05, backbone x 0.1; a ViT backbone's
     `layer_decay` replaces the backbone multiplier by layer-wise decay).
@@ -135,6 +144,7 @@ def build_adamw(
         weight_decay_embed,
         no_decay_keywords,
         layer_decay=layer_decay,
+        lr_multipliers=lr_multipliers,
     )
     if fused is None:
         params = [p for group in groups for p in group["params"]]

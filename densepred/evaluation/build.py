@@ -12,14 +12,21 @@ from densepred.evaluation.panoptic import PanopticEvaluator
 from densepred.evaluation.semantic import SemanticEvaluator
 
 # What each training task evaluates (Mask2Former: a panoptic model is also scored on AP and mIoU).
-EVALUATIONS = {"panoptic": ("panoptic", "instance", "semantic"), "instance": ("instance",), "semantic": ("semantic",)}
+EVALUATIONS = {
+    "panoptic": ("panoptic", "instance", "semantic"),
+    "instance": ("instance",),
+    "semantic": ("semantic",),
+    "detection": ("detection",),
+}
 
 
 def build_evaluators(evaluations: Sequence[str], ground_truth: GroundTruth) -> dict[str, Evaluator]:
-    """The evaluators named in `evaluations` ("panoptic", "instance", "semantic") for a split's ground truth.
+    """The evaluators named in `evaluations` ("panoptic", "instance", "semantic", "detection") for a split's
+    ground truth.
 
     panoptic: PQ on `panoptic_json` + `panoptic_root` (an error without them); instance: COCO AP on
     `ann_file` (left out when the split has none; only the thing classes, as in COCO's instances files);
+    detection: COCO box AP only (`bbox/AP`, ...) on `ann_file`, the same way;
     semantic: mIoU on the declared label-map reader, else on the per-pixel classes of the panoptic files.
     The panoptic files are read through one `PanopticGroundTruth`: the JSON is parsed once and each PNG
     decoded once per evaluation for PQ and mIoU together.
@@ -37,6 +44,9 @@ def build_evaluators(evaluations: Sequence[str], ground_truth: GroundTruth) -> d
     if "instance" in evaluations and ground_truth.ann_file is not None:
         things = {k: meta.contiguous_to_dataset_id[k] for k in meta.thing_classes}
         evaluators["instance"] = COCOInstanceEvaluator(ground_truth.ann_file, things)
+    if "detection" in evaluations and ground_truth.ann_file is not None:
+        things = {k: meta.contiguous_to_dataset_id[k] for k in meta.thing_classes}
+        evaluators["detection"] = COCOInstanceEvaluator(ground_truth.ann_file, things, iou_types=("bbox",))
     if "semantic" in evaluations:
         reader = panoptic.semantic if semantic_from_panoptic else ground_truth.semantic
         if reader is None:

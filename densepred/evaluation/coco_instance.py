@@ -48,7 +48,8 @@ class COCOInstanceEvaluator:
         iou_types: which of "segm", "bbox" to evaluate.
 
     Predictions per image: {"instances": {"masks": bool (N, H, W), "scores": (N,), "labels": (N,),
-    "boxes": (N, 4) XYXY}} at the original image size. Metrics cover the images given to process().
+    "boxes": (N, 4) XYXY}} at the original image size ("masks" only read for "segm"; a detector gives none and
+    is evaluated with iou_types=("bbox",)). Metrics cover the images given to process().
     """
 
     def __init__(
@@ -68,6 +69,9 @@ class COCOInstanceEvaluator:
         self.iou_types = tuple(iou_types)
         with contextlib.redirect_stdout(io.StringIO()):
             self.coco_gt = COCO(str(self.ann_file))
+        for ann in self.coco_gt.anns.values():  # box-only files (detection) may leave out the area COCOeval reads
+            if "area" not in ann and isinstance(ann.get("bbox"), list) and len(ann["bbox"]) == 4:
+                ann["area"] = float(ann["bbox"][2]) * float(ann["bbox"][3])
         self.dataset_ids = dataset_id_lookup(contiguous_to_dataset_id)
         unknown = sorted(set(self.dataset_ids.values()) - set(self.coco_gt.getCatIds()))
         if unknown:
@@ -91,9 +95,21 @@ class COCOInstanceEvaluator:
             self._results[image_id] = self._encode(image_id, prediction["instances"])
 
     def _encode(self, image_id: int, instances: Mapping[str, Any]) -> list[dict[str, Any]]:
-        masks = to_numpy(instances["masks"]).astype(bool)  # (N, H, W)
         scores, labels = to_numpy(instances["scores"]), to_numpy(instances["labels"])
-        boxes = to_numpy(instances["boxes"]).astype(np.float64)  # (N, 4) XYXY
+        boxes = to_numpy(instances["boxes"]).astype(np.float64).reshape(-1, 4)  # (N, 4) XYXY
+        xywh = np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], axis=1)
+        results = [
+            {
+                "image_id": image_id,
+                "category_id": map_label(self.dataset_ids, label, image_id),
+                "score": float(score),
+                "bbox": [float(v) for v in box],
+            }
+            for box, score, label in zip(xywh, scores, labels, strict=True)
+        ]
+        if "segm" not in self.iou_types:  # box detections: no masks
+            return results
+        masks = to_numpy(instances["masks"]).astype(bool)  # (N, H, W)
         info = self.coco_gt.imgs[image_id]
         if masks.ndim != 3 or masks.shape[1:] != (info["height"], info["width"]):
             raise ValueError(
@@ -102,17 +118,9 @@ class COCOInstanceEvaluator:
                 f" (the image size in {self.ann_file}); resize to the original size"
             )
         rles = mask_util.encode(np.asfortranarray(masks.transpose(1, 2, 0), dtype=np.uint8)) if len(masks) else []
-        xywh = np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], axis=1) if len(boxes) else boxes
-        return [
-            {
-                "image_id": image_id,
-                "category_id": map_label(self.dataset_ids, label, image_id),
-                "score": float(score),
-                "segmentation": {"size": rle["size"], "counts": rle["counts"].decode("ascii")},
-                "bbox": [float(v) for v in box],
-            }
-            for rle, box, score, label in zip(rles, xywh, scores, labels, strict=True)
-        ]
+        for result, rle in zip(results, rles, strict=True):
+            result["segmentation"] = {"size": rle["size"], "counts": rle["counts"].decode("ascii")}
+        return results
 
     def evaluate(self) -> dict[str, float]:
         """Gather every rank's results (a collective), then run COCOeval for each IoU type."""

@@ -15,13 +15,21 @@ class PositionEmbeddingSine(nn.Module):
     """
 
     def __init__(
-        self, num_pos_feats: int = 128, temperature: float = 10000.0, normalize: bool = True, scale: float = 2 * math.pi
+        self,
+        num_pos_feats: int = 128,
+        temperature: float = 10000.0,
+        normalize: bool = True,
+        scale: float = 2 * math.pi,
+        offset: float = 0.0,
     ) -> None:
+        """`offset` is added to the 1-based positions before normalising: 0 (DETR, Mask2Former) or -0.5
+        (Deformable DETR: pixel centres)."""
         super().__init__()
         self.num_pos_feats = num_pos_feats
         self.temperature = temperature
         self.normalize = normalize
         self.scale = scale
+        self.offset = offset
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         height, width = x.shape[-2:]
@@ -29,8 +37,8 @@ class PositionEmbeddingSine(nn.Module):
         x_embed = torch.arange(1, width + 1, device=x.device, dtype=torch.float32)[None, :].expand(height, width)
         if self.normalize:
             eps = 1e-6
-            y_embed = y_embed / (height + eps) * self.scale
-            x_embed = x_embed / (width + eps) * self.scale
+            y_embed = (y_embed + self.offset) / (height + eps) * self.scale
+            x_embed = (x_embed + self.offset) / (width + eps) * self.scale
         dim_t = torch.arange(self.num_pos_feats, device=x.device, dtype=torch.float32)
         dim_t = self.temperature ** (2 * torch.div(dim_t, 2, rounding_mode="floor") / self.num_pos_feats)
         pos_x = x_embed[..., None] / dim_t
