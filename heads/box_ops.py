@@ -51,7 +51,9 @@ def paired_box_iou(boxes1: torch.Tensor, boxes2: torch.Tensor) -> tuple[torch.Te
 
 
 def paired_generalized_box_iou(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor:
-    """Generalized IoU of each pair of XYXY boxes (N, 4) -> (N,): the diagonal of `generalized_box_iou`."""
+    """Generalized IoU of each pair of XYXY boxes (N, 4) -> (N,): the diagonal of `generalized_box_iou`.
+    (torchvision's `generalized_box_iou_loss` adds eps=1e-7 to both denominators: 5e-6 off on a 0.2 x 0.2 box,
+    where transformers' losses and this one are exact.)"""
     iou, union = paired_box_iou(boxes1, boxes2)
     enclosing = (torch.maximum(boxes1[:, 2:], boxes2[:, 2:]) - torch.minimum(boxes1[:, :2], boxes2[:, :2])).clamp(min=0)
     area = enclosing.prod(-1)
