@@ -15,6 +15,7 @@ __all__ = [
     "box_convert",
     "generalized_box_iou",
     "inverse_sigmoid",
+    "level_anchor_boxes",
     "normalized_cxcywh",
     "normalized_targets",
     "paired_box_iou",
@@ -38,6 +39,23 @@ def normalized_targets(
     """Detection targets ({"labels", "boxes": XYXY pixels}) -> [{"labels", "boxes_cxcywh"}] normalised by the
     padded input size `size_hw`, what the matcher, the criterion and the denoising queries read."""
     return [{"labels": t["labels"], "boxes_cxcywh": normalized_cxcywh(t["boxes"], size_hw)} for t in targets]
+
+
+def level_anchor_boxes(
+    spatial_shapes: Sequence[tuple[int, int]], base_size: float, device: torch.device, dtype: torch.dtype
+) -> torch.Tensor:
+    """One box per cell of every level, (cx, cy, w, h) normalised: the cell's centre and size base_size * 2**level
+    (the two-stage / query-selection anchors of Deformable DETR and RT-DETR) -> (sum h_l w_l, 4). The level sizes
+    enter as Python numbers only (no size tensor: no host copy, symbolic while exporting)."""
+    boxes = []
+    for level, (height, width) in enumerate(spatial_shapes):
+        grid_y, grid_x = torch.meshgrid(
+            torch.arange(height, device=device).to(dtype), torch.arange(width, device=device).to(dtype), indexing="ij"
+        )
+        centres = torch.stack([(grid_x + 0.5) / width, (grid_y + 0.5) / height], -1)
+        sizes = torch.full_like(centres, base_size * 2.0**level)
+        boxes.append(torch.cat([centres, sizes], -1).reshape(height * width, 4))
+    return torch.cat(boxes, 0)
 
 
 def paired_box_iou(boxes1: torch.Tensor, boxes2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from densepred.heads.box_ops import inverse_sigmoid
+from densepred.heads.box_ops import inverse_sigmoid, level_anchor_boxes
 from densepred.layers import MLP, NeckOutput, multi_head_attention
 from densepred.necks.ms_deform_attn import MSDeformAttn, flatten_levels
 
@@ -79,17 +79,8 @@ def encoder_proposals(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One proposal per encoder pixel: a box of size 0.05 * 2^level at its centre, in inverse-sigmoid space
     (inf outside `PROPOSAL_RANGE`), and the memory zeroed there. memory (B, S, C) -> (B, S, 4), (B, S, C)."""
-    proposals = []
-    for level, (height, width) in enumerate(spatial_shapes):
-        grid_y, grid_x = torch.meshgrid(
-            torch.linspace(0, height - 1, height, dtype=memory.dtype, device=memory.device),
-            torch.linspace(0, width - 1, width, dtype=memory.dtype, device=memory.device),
-            indexing="ij",
-        )
-        grid = torch.stack([(grid_x + 0.5) / width, (grid_y + 0.5) / height], -1)  # no size tensor: no host copy
-        size = torch.full_like(grid, 0.05 * (2.0**level))
-        proposals.append(torch.cat([grid, size], -1).view(-1, 4))
-    proposals = torch.cat(proposals, 0)[None].expand(memory.shape[0], -1, -1)
+    proposals = level_anchor_boxes(spatial_shapes, 0.05, memory.device, memory.dtype)
+    proposals = proposals[None].expand(memory.shape[0], -1, -1)
     low, high = PROPOSAL_RANGE
     valid = ((proposals > low) & (proposals < high)).all(-1, keepdim=True)
     proposals = torch.log(proposals / (1 - proposals)).masked_fill(~valid, float("inf"))

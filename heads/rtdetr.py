@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from densepred.heads.box_ops import inverse_sigmoid
+from densepred.heads.box_ops import inverse_sigmoid, level_anchor_boxes
 from densepred.heads.denoising import contrastive_denoising_group
 from densepred.layers import MLP, NeckOutput, multi_head_attention
 from densepred.necks.ms_deform_attn import MSDeformAttn, flatten_levels
@@ -90,15 +90,7 @@ def anchors(
     """Anchor boxes of every memory position as logits (1, S, 4), and which are valid (1, S, 1) bool: a cell's
     centre (x, y) / (w, h) of its level, size grid_size * 2**level; anchors with any coordinate outside
     (0.01, 0.99) are invalid, their logits the dtype's largest value."""
-    boxes = []
-    for level, (height, width) in enumerate(spatial_shapes):
-        grid_y, grid_x = torch.meshgrid(
-            torch.arange(height, device=device).to(dtype), torch.arange(width, device=device).to(dtype), indexing="ij"
-        )
-        centres = torch.stack([(grid_x + 0.5) / width, (grid_y + 0.5) / height], -1)
-        sizes = torch.full_like(centres, grid_size * 2.0**level)
-        boxes.append(torch.cat([centres, sizes], -1).reshape(1, height * width, 4))
-    boxes = torch.cat(boxes, 1)
+    boxes = level_anchor_boxes(spatial_shapes, grid_size, device, dtype)[None]
     eps = 1e-2
     valid = ((boxes > eps) & (boxes < 1 - eps)).all(-1, keepdim=True)
     logits = torch.log(boxes / (1 - boxes))
