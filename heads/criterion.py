@@ -143,26 +143,31 @@ class SetCriterion(nn.Module):
         num_masks = average_num_masks(labels.shape[0], device)
 
         predictions = [outputs, *outputs.get("aux_outputs", [])]
-        matches = self.matcher.match(predictions, targets)  # every prediction at once: one host round trip
+        # every prediction at once: one host round trip; the matcher samples the same float target masks
+        matches = self.matcher.match(predictions, targets, target_masks=mask_values)
+        # the matched queries' full logits of all predictions, in one product where they share mask features
+        matched_logits = selected_mask_logits(predictions, matches)
         losses = {}
-        for i, (prediction, prediction_matches) in enumerate(zip(predictions, matches, strict=True)):
+        for i, (prediction, prediction_matches, logits) in enumerate(
+            zip(predictions, matches, matched_logits, strict=True)
+        ):
             suffix = "" if i == 0 else f"_{i - 1}"
-            layer_losses = self._layer_losses(prediction, labels, mask_values, prediction_matches, num_masks)
+            layer_losses = self._layer_losses(prediction, logits, labels, mask_values, prediction_matches, num_masks)
             losses.update({f"{key}{suffix}": value for key, value in layer_losses.items()})
         return losses
 
     def _layer_losses(
         self,
         outputs: Mapping[str, torch.Tensor],
+        matched_logits: torch.Tensor,
         labels: torch.Tensor,
         mask_values: torch.Tensor,
         matches: Matches,
         num_masks: torch.Tensor,
     ) -> dict[str, torch.Tensor]:
-        """One prediction's weighted losses, given its matches."""
+        """One prediction's weighted losses, given its matches and their mask logits (M, h, w)."""
         image, query, target = matches.image, matches.query, matches.target
         losses = {"loss_ce": self._class_loss(outputs["pred_logits"].float(), labels, image, query, target)}
-        matched_logits = selected_mask_logits(outputs, image, query, matches.slot, matches.slots_per_image)
         losses.update(self._mask_losses(matched_logits.float(), mask_values, target, num_masks))
         return {key: value * self.weight_dict[key] for key, value in losses.items()}
 

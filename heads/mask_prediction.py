@@ -13,6 +13,7 @@ of logits, nor its gradient, exists during training; inference reads the final `
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -71,21 +72,38 @@ def mask_logits_at_points(prediction: dict[str, Any], points: torch.Tensor) -> t
     return point_sample(masks, points)
 
 
-def selected_mask_logits(
-    prediction: dict[str, Any], image: torch.Tensor, query: torch.Tensor, slot: torch.Tensor, slots_per_image: int
-) -> torch.Tensor:
-    """Full-resolution mask logits of the queries `(image[m], query[m])` -> (M, H, W).
+def selected_mask_logits(predictions: Sequence[dict[str, Any]], matches: Sequence[Any]) -> list[torch.Tensor]:
+    """Full-resolution mask logits of each prediction's matched queries -> one (M_i, H, W) per prediction.
 
-    `slot` (M,) places pair m at `image[m] * slots_per_image + k` of a (B, slots_per_image) layout (k counts
-    the image's pairs), so the logits come from one batched matrix product of each image's selected
-    embeddings with its features, never gathering the features per pair.
+    `matches[i]` (a `heads.matcher.Matches`) holds the pairs of prediction i: `image`, `query` (M_i,) and `slot`,
+    which places pair m at `image[m] * slots_per_image + k` of a (B, slots_per_image) layout (k counts the
+    image's pairs). Predictions that hold embeddings of the same mask features (Mask2Former's final and
+    auxiliary ones) are computed together: their pairs are laid out side by side per image, (B, n *
+    slots_per_image), and the logits are one batched matrix product of those embeddings with the features
+    (never gathering the features per pair), whose backward is one product too.
     """
-    masks = _computed_masks(prediction)
-    if masks is not None:
-        return masks[image, query]
-    embeds, features = prediction["pred_mask_embeds"], prediction["mask_features"]
-    batch, channels, height, width = features.shape
-    slots = embeds.new_zeros(batch * slots_per_image, channels).index_copy(0, slot, embeds[image, query])
-    slots = slots.view(batch, slots_per_image, channels)
-    logits = torch.bmm(slots, features.flatten(2).to(slots.dtype))  # (B, slots, H * W)
-    return logits.flatten(0, 1).index_select(0, slot).view(-1, height, width)
+    results: list[torch.Tensor | None] = [None] * len(predictions)
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, (prediction, pairs) in enumerate(zip(predictions, matches, strict=True)):
+        masks = _computed_masks(prediction)
+        if masks is not None:
+            results[i] = masks[pairs.image, pairs.query]
+        else:
+            groups.setdefault((id(prediction["mask_features"]), pairs.slots_per_image), []).append(i)
+    for (_, per_image), members in groups.items():
+        features = predictions[members[0]]["mask_features"]
+        batch, channels, height, width = features.shape
+        width_per_image = len(members) * per_image  # member n's slot k of image b is row b * width + n * per + k
+        rows = torch.cat(
+            [
+                matches[i].slot + matches[i].image * (width_per_image - per_image) + n * per_image
+                for n, i in enumerate(members)
+            ]
+        )
+        embeds = torch.cat([predictions[i]["pred_mask_embeds"][matches[i].image, matches[i].query] for i in members])
+        slots = embeds.new_zeros(batch * width_per_image, channels).index_copy(0, rows, embeds)
+        logits = torch.bmm(slots.view(batch, width_per_image, channels), features.flatten(2).to(slots.dtype))
+        logits = logits.flatten(0, 1).index_select(0, rows).view(-1, height, width)
+        for i, part in zip(members, logits.split([matches[i].image.shape[0] for i in members]), strict=True):
+            results[i] = part
+    return results

@@ -57,7 +57,7 @@ def batch_sigmoid_ce_cost(logits: torch.Tensor, targets: torch.Tensor) -> torch.
     # pos = softplus(-x) = -log(sigmoid(x)), the cost of a point whose target is 1, neg = softplus(x) that of a
     # target 0: pos @ t + neg @ (1 - t) = (pos - neg) @ t + sum(neg) with pos - neg = -x, one product
     neg = F.softplus(logits)
-    cost = -logits @ targets.transpose(1, 2) + neg.sum(-1, keepdim=True)
+    cost = neg.sum(-1, keepdim=True) - logits @ targets.transpose(1, 2)  # the sign on the (B, Q, N) product
     return cost / num_points
 
 
@@ -82,7 +82,7 @@ def batch_dice_cost(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor
     logits: (B, Q, P), targets: (B, N, P) in [0, 1]. Returns (B, Q, N).
     """
     prob = logits.sigmoid()
-    numerator = 2 * prob @ targets.transpose(1, 2)
+    numerator = 2 * (prob @ targets.transpose(1, 2))
     denominator = prob.sum(-1)[:, :, None] + targets.sum(-1)[:, None, :]
     return 1 - (numerator + 1) / (denominator + 1)
 
@@ -132,12 +132,16 @@ class HungarianMatcher(nn.Module):
 
     @torch.no_grad()
     def cost_matrices(
-        self, predictions: Sequence[Mapping[str, torch.Tensor]], targets: Sequence[Mapping[str, torch.Tensor]]
+        self,
+        predictions: Sequence[Mapping[str, torch.Tensor]],
+        targets: Sequence[Mapping[str, torch.Tensor]],
+        target_masks: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """`cost_matrix` of several predictions of the same batch (the final and auxiliary ones) ->
-        (num_predictions, B, Q, max N_b); the targets' layout and point values are built once."""
+        (num_predictions, B, Q, max N_b); the targets' layout and point values are built once. `target_masks`:
+        the targets' masks concatenated in image order as float (T, 1, H, W), if the caller has them."""
         with torch.autocast(predictions[0]["pred_logits"].device.type, enabled=False):
-            layout = _TargetLayout(targets, predictions[0]["pred_logits"])
+            layout = _TargetLayout(targets, predictions[0]["pred_logits"], target_masks)
             return torch.stack([self._cost_matrix(prediction, layout) for prediction in predictions])
 
     def _cost_matrix(self, prediction: Mapping[str, torch.Tensor], layout: _TargetLayout) -> torch.Tensor:
@@ -170,15 +174,19 @@ class HungarianMatcher(nn.Module):
 
     @torch.no_grad()
     def match(
-        self, predictions: Sequence[Mapping[str, torch.Tensor]], targets: Sequence[Mapping[str, torch.Tensor]]
+        self,
+        predictions: Sequence[Mapping[str, torch.Tensor]],
+        targets: Sequence[Mapping[str, torch.Tensor]],
+        target_masks: torch.Tensor | None = None,
     ) -> list[Matches]:
         """Match the queries of every prediction (final and auxiliary) of a batch to its targets.
 
         The cost matrices of all predictions are computed on the device and copied to the host together (the
         one synchronisation of a training step), solved there, and the assignments go back to the device in
-        one asynchronous copy. Returns one `Matches` per prediction.
+        one asynchronous copy. Returns one `Matches` per prediction. `target_masks` as in `cost_matrices`
+        (the criterion's, so that the float masks exist once per step).
         """
-        costs = self.cost_matrices(predictions, targets).cpu()  # the one device -> host copy
+        costs = self.cost_matrices(predictions, targets, target_masks).cpu()  # the one device -> host copy
         sizes = [len(t["labels"]) for t in targets]
         return matches_from_costs(costs, sizes, predictions[0]["pred_logits"].device)
 
@@ -253,7 +261,9 @@ class _TargetLayout:
     """A batch's targets on the device, once for all predictions: every target in one tensor, and the
     (image, slot) place of each in the padded (B, max N_b) layout."""
 
-    def __init__(self, targets: Sequence[Mapping[str, torch.Tensor]], like: torch.Tensor) -> None:
+    def __init__(
+        self, targets: Sequence[Mapping[str, torch.Tensor]], like: torch.Tensor, float_masks: torch.Tensor | None
+    ) -> None:
         sizes = _check_targets(targets, like.shape[0])
         self.max_targets = max(sizes, default=0)
         device = like.device
@@ -264,7 +274,7 @@ class _TargetLayout:
         self.slot = torch.cat([torch.arange(n) for n in sizes]).to(device, non_blocking=True)
         labels = torch.cat([t["labels"] for t in targets]).to(device)
         self.masks = torch.cat([t["masks"] for t in targets]).to(device)  # (T, H, W)
-        self.float_masks = self.masks[:, None].float()  # (T, 1, H, W)
+        self.float_masks = self.masks[:, None].float() if float_masks is None else float_masks  # (T, 1, H, W)
         self.padded_labels = torch.zeros(len(sizes), self.max_targets, dtype=torch.long, device=device)
         self.padded_labels[self.image, self.slot] = labels
 

@@ -57,11 +57,15 @@ def sample_uncertain_points(
     num_uncertain = int(importance_sample_ratio * num_points)
     num_random = num_points - num_uncertain
 
-    candidates = torch.rand(num_masks, num_candidates, 2, device=logits.device)
-    candidate_uncertainty = uncertainty(point_sample(logits, candidates))[:, 0]  # (N, num_candidates)
+    # The candidates drawn directly as grid_sample coordinates: uniform_(-1, 1) maps the same draws as
+    # torch.rand's u to 2u - 1 (exact in float, as is (2u - 1 + 1) / 2 = u below), so the points are those of
+    # torch.rand, without converting all candidates to grid coordinates first.
+    grid = torch.empty(num_masks, num_candidates, 1, 2, device=logits.device).uniform_(-1.0, 1.0)
+    candidate_values = F.grid_sample(logits, grid.to(logits.dtype), mode="bilinear", align_corners=False)
+    candidate_uncertainty = uncertainty(candidate_values[:, 0, :, 0])  # (N, num_candidates)
     # the most uncertain set, in no particular order (the losses average over points): 2.4x faster than sorted
     top = candidate_uncertainty.topk(num_uncertain, dim=1, sorted=False).indices  # (N, num_uncertain)
-    points = candidates.gather(1, top.unsqueeze(-1).expand(-1, -1, 2))
+    points = (grid[:, :, 0].gather(1, top.unsqueeze(-1).expand(-1, -1, 2)) + 1.0) / 2.0
     if num_random > 0:
         points = torch.cat([points, torch.rand(num_masks, num_random, 2, device=logits.device)], dim=1)
     return points

@@ -213,12 +213,16 @@ class MSDeformAttn(nn.Module):
         offsets = self.sampling_offsets(query).view(batch, num_queries, heads, levels, points, 2)
         weights = self.attention_weights(query).view(batch, num_queries, heads, levels * points)
         weights = weights.softmax(-1).view(batch, num_queries, heads, levels, points)
+        # references and level sizes given for every (level, point), so that the elementwise ops below broadcast
+        # over the heads only, an outer dimension (with (levels, 1) operands their inner loop is `points` long:
+        # ~10x slower on CPU)
+        references = reference_points[:, :, None, :, None, :].expand(-1, -1, -1, levels, points, -1)
         if reference_points.shape[-1] == 4:  # boxes: offsets in units of half the box size / num_points
-            centers, sizes = reference_points[:, :, None, :, None, :2], reference_points[:, :, None, :, None, 2:]
+            centers, sizes = references[..., :2].contiguous(), references[..., 2:].contiguous()
             locations = centers + offsets / points * sizes * 0.5
         else:  # offsets are in pixels of each level: normalise by that level's (w, h)
-            normalizer = level_normalizer(spatial_shapes, offsets)
-            locations = reference_points[:, :, None, :, None, :] + offsets / normalizer[None, None, None, :, None, :]
+            normalizer = level_normalizer(spatial_shapes, offsets)[:, None, :].expand(-1, points, -1).contiguous()
+            locations = references.contiguous() + offsets / normalizer
         sample = resolve_ms_deform_attn_implementation(self.implementation, value.device)
         output = sample(value, spatial_shapes, level_start_index, locations, weights)
         return self.output_proj(output)

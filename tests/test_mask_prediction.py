@@ -15,7 +15,7 @@ from densepred.heads.mask_prediction import (
     mask_logits_at_points,
     selected_mask_logits,
 )
-from densepred.heads.matcher import HungarianMatcher
+from densepred.heads.matcher import HungarianMatcher, Matches
 from densepred.heads.point_sampling import point_sample
 from densepred.layers import multi_head_attention
 
@@ -41,12 +41,46 @@ def test_logits_at_points_equal_the_sampled_full_logits(num_points):
 
 
 def test_selected_logits_equal_the_full_logits_of_those_queries():
-    embeds, features = embeddings()
+    embeds, features = embeddings(requires_grad=True)
     image, query = torch.tensor([0, 0, 0, 1]), torch.tensor([1, 4, 5, 2])
     slot = torch.tensor([0, 1, 2, 3])  # (B, 3) layout: image 0 fills its 3 slots, image 1 its first
     prediction = MaskPrediction(pred_logits=None, pred_mask_embeds=embeds, mask_features=features)
-    got = selected_mask_logits(prediction, image, query, slot, slots_per_image=3)
+    (got,) = selected_mask_logits([prediction], [Matches(image, query, query, slot, slots_per_image=3)])
     torch.testing.assert_close(got, mask_logits(embeds, features)[image, query], atol=1e-5, rtol=1e-5)
+
+
+def test_selected_logits_of_predictions_sharing_features_in_one_product_equal_each_alone():
+    """Three predictions of the same mask features (computed together), one of other features and one of full
+    logits: the logits and the gradients of the embeddings and features equal those of each prediction alone."""
+    g = torch.Generator().manual_seed(4)
+    features = torch.randn(2, 8, 12, 10, generator=g, requires_grad=True)
+    other = torch.randn(2, 8, 12, 10, generator=g, requires_grad=True)
+    embeds = [torch.randn(2, 6, 8, generator=g, requires_grad=True) for _ in range(5)]
+    pairs = [  # image, query; slots in image order, 3 per image
+        ([0, 0, 1, 1, 1], [5, 1, 0, 2, 4]),
+        ([0, 1], [3, 3]),
+        ([0, 0, 0], [0, 1, 2]),
+        ([1], [5]),
+        ([0, 1, 1], [2, 0, 1]),
+    ]
+    matches = []
+    for image, query in pairs:
+        image, query = torch.tensor(image), torch.tensor(query)
+        k = torch.cat([torch.arange(int((image == b).sum())) for b in range(2)])
+        matches.append(Matches(image, query, query, image * 3 + k, slots_per_image=3))
+    predictions = [MaskPrediction(pred_logits=None, pred_mask_embeds=e, mask_features=features) for e in embeds[:3]]
+    predictions.append(MaskPrediction(pred_logits=None, pred_mask_embeds=embeds[3], mask_features=other))
+    predictions.append({"pred_masks": mask_logits(embeds[4], features)})
+    got = selected_mask_logits(predictions, matches)
+    want = [
+        mask_logits(e, f)[m.image, m.query]
+        for e, f, m in zip(embeds, [features] * 3 + [other, features], matches, strict=True)
+    ]
+    leaves = [features, other, *embeds]
+    weights = [torch.randn(w.shape, generator=g) for w in want]
+    grads = [torch.autograd.grad(sum((x * w).sum() for x, w in zip(v, weights)), leaves) for v in (got, want)]
+    for a, b in zip([*got, *grads[0]], [*want, *grads[1]], strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
 def test_pred_masks_are_computed_when_read_and_no_grad_copies_are_not_kept():
