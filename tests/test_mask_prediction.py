@@ -78,7 +78,9 @@ def test_selected_logits_of_predictions_sharing_features_in_one_product_equal_ea
     ]
     leaves = [features, other, *embeds]
     weights = [torch.randn(w.shape, generator=g) for w in want]
-    grads = [torch.autograd.grad(sum((x * w).sum() for x, w in zip(v, weights)), leaves) for v in (got, want)]
+    grads = [
+        torch.autograd.grad(sum((x * w).sum() for x, w in zip(v, weights, strict=True)), leaves) for v in (got, want)
+    ]
     for a, b in zip([*got, *grads[0]], [*want, *grads[1]], strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
