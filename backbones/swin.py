@@ -24,6 +24,8 @@ from timm.layers import DropPath, Mlp, PatchEmbed
 from timm.models.swin_transformer import PatchMerging, WindowAttention, window_partition, window_reverse
 from torch import nn
 
+from densepred.utils.recompute import gelu_linear
+
 from ._registry import register_backbone, register_class
 from .base import Backbone, OutputNorms
 
@@ -65,7 +67,7 @@ class SwinBlock(nn.Module):
         self.attn = WindowAttention(dim, num_heads=num_heads, window_size=window_size, qkv_bias=qkv_bias)
         self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = nn.LayerNorm(dim)
-        self.mlp = Mlp(in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=nn.GELU)
+        self.mlp = Mlp(in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=nn.GELU)  # no dropout
         self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
@@ -85,7 +87,8 @@ class SwinBlock(nn.Module):
         if shift:
             x = torch.roll(x, shifts=(shift, shift), dims=(1, 2))
         x = shortcut + self.drop_path1(x[:, :height, :width])
-        return x + self.drop_path2(self.mlp(self.norm2(x)))
+        # = self.mlp(...): fc1 -> GELU -> fc2, with the GELU recomputed in backward instead of saved
+        return x + self.drop_path2(gelu_linear(self.mlp.fc1(self.norm2(x)), self.mlp.fc2))
 
 
 class SwinStage(nn.Module):

@@ -68,7 +68,7 @@ class DeformableDetrDecoderLayer(nn.Module):
         """queries, query_pos (B, Q, C); reference_points (B, Q, 1, 2 or 4); memory (B, S, C) -> (B, Q, C)."""
         q = queries + query_pos
         queries = self.self_attn_norm(queries + self.dropout(multi_head_attention(self.self_attn, q, q, queries)))
-        attended = self.cross_attn(queries + query_pos, reference_points, memory, spatial_shapes, level_start_index)
+        attended = self.cross_attn(queries, reference_points, memory, spatial_shapes, level_start_index, query_pos)
         queries = self.cross_attn_norm(queries + self.dropout(attended))
         ffn = self.linear2(self.dropout(F.relu(self.linear1(queries))))
         return self.ffn_norm(queries + self.dropout(ffn))

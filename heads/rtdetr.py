@@ -77,7 +77,7 @@ class RTDetrDecoderLayer(nn.Module):
         mask = None if attend is None else attend[None, None]
         queries = self.norm1(queries + self.dropout(multi_head_attention(self.self_attn, q, q, queries, mask)))
         attended = self.cross_attn(
-            queries + query_pos, reference_boxes[:, :, None], memory, spatial_shapes, level_start_index
+            queries, reference_boxes[:, :, None], memory, spatial_shapes, level_start_index, query_pos
         )
         queries = self.norm2(queries + self.dropout(attended))
         ffn = self.linear2(self.dropout(self.activation(self.linear1(queries))))

@@ -25,6 +25,7 @@ from torch import nn
 
 from densepred.necks.ms_deform_attn_bag import ms_deform_attn_bag
 from densepred.necks.ms_deform_attn_gather import ms_deform_attn_gather
+from densepred.utils.recompute import linear_of_sum
 
 MSDeformAttnFn = Callable[
     [torch.Tensor, Sequence[tuple[int, int]], Sequence[int], torch.Tensor, torch.Tensor], torch.Tensor
@@ -191,6 +192,13 @@ class MSDeformAttn(nn.Module):
             f"num_points={self.num_points}, implementation={self.implementation!r}"
         )
 
+    @staticmethod
+    def _project(linear: nn.Linear, query: torch.Tensor, query_pos: torch.Tensor | None) -> torch.Tensor:
+        """linear(query + query_pos), autograd keeping query and query_pos (kept anyway) instead of their sum."""
+        if query_pos is None:
+            return linear(query)
+        return linear_of_sum(query, query_pos, linear.weight, linear.bias)
+
     def forward(
         self,
         query: torch.Tensor,
@@ -198,10 +206,12 @@ class MSDeformAttn(nn.Module):
         value: torch.Tensor,
         spatial_shapes: Sequence[tuple[int, int]],
         level_start_index: Sequence[int],
+        query_pos: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """query (B, Q, C) (position embedding already added), reference_points (B, Q, num_levels or 1, 2) as
-        (x, y) in [0, 1], or (..., 4) boxes (cx, cy, w, h) whose offsets scale with the box (Deformable DETR's
-        refined / two-stage references), value (B, S, C) the flattened levels of `spatial_shapes` -> (B, Q, C)."""
+        """query (B, Q, C) (plus `query_pos`, its position embedding, when given), reference_points
+        (B, Q, num_levels or 1, 2) as (x, y) in [0, 1], or (..., 4) boxes (cx, cy, w, h) whose offsets scale
+        with the box (Deformable DETR's refined / two-stage references), value (B, S, C) the flattened levels
+        of `spatial_shapes` -> (B, Q, C)."""
         batch, num_queries, _ = query.shape
         heads, levels, points = self.num_heads, self.num_levels, self.num_points
         if len(spatial_shapes) != levels or value.shape[1] != sum(h * w for h, w in spatial_shapes):
@@ -210,8 +220,10 @@ class MSDeformAttn(nn.Module):
                 f"got spatial_shapes={list(spatial_shapes)}"
             )
         value = self.value_proj(value).view(batch, -1, heads, self.embed_dim // heads)
-        offsets = self.sampling_offsets(query).view(batch, num_queries, heads, levels, points, 2)
-        weights = self.attention_weights(query).view(batch, num_queries, heads, levels * points)
+        offsets = self._project(self.sampling_offsets, query, query_pos)
+        offsets = offsets.view(batch, num_queries, heads, levels, points, 2)
+        weights = self._project(self.attention_weights, query, query_pos)
+        weights = weights.view(batch, num_queries, heads, levels * points)
         weights = weights.softmax(-1).view(batch, num_queries, heads, levels, points)
         # references and level sizes given for every (level, point), so that the elementwise ops below broadcast
         # over the heads only, an outer dimension (with (levels, 1) operands their inner loop is `points` long:

@@ -51,7 +51,7 @@ class MSDeformAttnEncoderLayer(nn.Module):
         level_start_index: Sequence[int],
     ) -> torch.Tensor:
         """src, pos (B, S, C); reference_points (B, S, num_levels, 2) -> (B, S, C)."""
-        attended = self.self_attn(src + pos, reference_points, src, spatial_shapes, level_start_index)
+        attended = self.self_attn(src, reference_points, src, spatial_shapes, level_start_index, query_pos=pos)
         src = self.norm1(src + self.dropout1(attended))
         ffn = self.linear2(self.dropout2(F.relu(self.linear1(src))))
         return self.norm2(src + self.dropout3(ffn))

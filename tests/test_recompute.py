@@ -1,0 +1,96 @@
+"""The lean linear layers equal the plain ones (values, gradients, autocast) and save less for backward."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from densepred.utils.recompute import gelu_linear, linear_of_sum
+
+
+def _saved_bytes(fn) -> tuple[torch.Tensor, int]:
+    """Run fn(); the bytes of the distinct storages autograd saved for backward (parameters included)."""
+    storages: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        out = fn()
+    return out, sum(storages.values())
+
+
+def _grads(out: torch.Tensor, grad: torch.Tensor, tensors) -> list[torch.Tensor]:
+    return list(torch.autograd.grad(out, tensors, grad))
+
+
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_gelu_linear_equals_the_plain_layers_and_saves_one_hidden(approximate):
+    torch.manual_seed(0)
+    fc1, fc2 = nn.Linear(8, 32).double(), nn.Linear(32, 8).double()
+    x = torch.randn(2, 5, 8, dtype=torch.float64, requires_grad=True)
+    grad = torch.randn(2, 5, 8, dtype=torch.float64)
+    leaves = [x, fc1.weight, fc1.bias, fc2.weight, fc2.bias]
+    plain, plain_bytes = _saved_bytes(lambda: fc2(F.gelu(fc1(x), approximate=approximate)))
+    lean, lean_bytes = _saved_bytes(lambda: gelu_linear(fc1(x), fc2, approximate))
+    torch.testing.assert_close(lean, plain, rtol=0, atol=1e-12)
+    for ours, reference in zip(_grads(lean, grad, leaves), _grads(plain, grad, leaves), strict=True):
+        torch.testing.assert_close(ours, reference, rtol=0, atol=1e-12)
+    assert plain_bytes - lean_bytes == 2 * 5 * 32 * 8  # the (2, 5, 32) float64 GELU output is not kept
+
+
+@pytest.mark.parametrize("contiguous_pos", [True, False])
+def test_linear_of_sum_equals_linear_of_the_sum_and_does_not_save_it(contiguous_pos):
+    torch.manual_seed(0)
+    x = torch.randn(2, 6, 16, dtype=torch.float64, requires_grad=True)
+    pos_base = torch.randn(2, 16, 6, dtype=torch.float64, requires_grad=True)
+    pos = pos_base.transpose(1, 2).contiguous() if contiguous_pos else pos_base.transpose(1, 2)
+    weight = torch.randn(12, 16, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(12, dtype=torch.float64, requires_grad=True)
+    grad = torch.randn(2, 6, 12, dtype=torch.float64)
+    leaves = [x, pos_base, weight, bias]
+    plain, plain_bytes = _saved_bytes(lambda: F.linear(x + pos, weight, bias))
+    lean, lean_bytes = _saved_bytes(lambda: linear_of_sum(x, pos, weight, bias))
+    torch.testing.assert_close(lean, plain, rtol=0, atol=1e-12)
+    for ours, reference in zip(_grads(lean, grad, leaves), _grads(plain, grad, leaves), strict=True):
+        torch.testing.assert_close(ours, reference, rtol=0, atol=1e-12)
+    # plain keeps the (2, 6, 16) sum beside the weight; lean keeps x, pos and the weight, both of which the
+    # models keep anyway (the value projection's input, the position embedding shared by all layers)
+    assert plain_bytes == (2 * 6 * 16 + 12 * 16) * 8
+    assert lean_bytes == (2 * 6 * 16 * 2 + 12 * 16) * 8
+
+
+def test_lean_layers_under_bf16_autocast_equal_the_plain_layers_under_it():
+    torch.manual_seed(0)
+    fc1, projection, fc2 = nn.Linear(8, 32), nn.Linear(8, 32), nn.Linear(32, 8)
+    x = torch.randn(4, 8, requires_grad=True)
+    pos = torch.randn(4, 8, requires_grad=True)
+    grad = torch.randn(4, 8)
+    leaves = [x, pos, *fc1.parameters(), *projection.parameters(), *fc2.parameters()]
+
+    def run(lean: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            if lean:
+                out = gelu_linear(fc1(x) + linear_of_sum(x, pos, projection.weight, projection.bias), fc2)
+            else:
+                out = fc2(F.gelu(fc1(x) + projection(x + pos)))
+        assert out.dtype == torch.bfloat16
+        return out, _grads(out, grad.bfloat16(), leaves)
+
+    (lean, lean_grads), (plain, plain_grads) = run(True), run(False)
+    torch.testing.assert_close(lean, plain, rtol=0, atol=0)
+    for ours, reference, leaf in zip(lean_grads, plain_grads, leaves, strict=True):
+        assert ours.dtype == leaf.dtype == torch.float32
+        torch.testing.assert_close(ours, reference, rtol=0, atol=0)
+
+
+def test_without_autograd_the_plain_ops_run():
+    fc2 = nn.Linear(32, 8)
+    hidden = torch.randn(3, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(gelu_linear(hidden, fc2), fc2(F.gelu(hidden)), rtol=0, atol=0)
+        out = linear_of_sum(hidden, hidden, fc2.weight, fc2.bias)
+    assert out.grad_fn is None
