@@ -24,7 +24,7 @@ from timm.layers import DropPath, Mlp, PatchEmbed
 from timm.models.swin_transformer import PatchMerging, WindowAttention, window_partition, window_reverse
 from torch import nn
 
-from densepred.utils.recompute import gelu_linear
+from densepred.utils.recompute import feed_forward
 
 from ._registry import register_backbone, register_class
 from .base import Backbone, OutputNorms
@@ -87,8 +87,8 @@ class SwinBlock(nn.Module):
         if shift:
             x = torch.roll(x, shifts=(shift, shift), dims=(1, 2))
         x = shortcut + self.drop_path1(x[:, :height, :width])
-        # = self.mlp(...): fc1 -> GELU -> fc2, with the GELU recomputed in backward instead of saved
-        return x + self.drop_path2(gelu_linear(self.mlp.fc1(self.norm2(x)), self.mlp.fc2))
+        # = self.mlp(...): fc1 -> GELU -> fc2, its hidden activations recomputed in backward instead of saved
+        return x + self.drop_path2(feed_forward(self.norm2(x), self.mlp.fc1, self.mlp.fc2, "gelu"))
 
 
 class SwinStage(nn.Module):

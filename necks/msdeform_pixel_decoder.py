@@ -17,6 +17,7 @@ from torch import nn
 
 from densepred.layers import NeckOutput, PositionEmbeddingSine
 from densepred.necks.ms_deform_attn import MSDeformAttn, flatten_levels
+from densepred.utils.recompute import feed_forward
 
 
 class MSDeformAttnEncoderLayer(nn.Module):
@@ -53,7 +54,10 @@ class MSDeformAttnEncoderLayer(nn.Module):
         """src, pos (B, S, C); reference_points (B, S, num_levels, 2) -> (B, S, C)."""
         attended = self.self_attn(src, reference_points, src, spatial_shapes, level_start_index, query_pos=pos)
         src = self.norm1(src + self.dropout1(attended))
-        ffn = self.linear2(self.dropout2(F.relu(self.linear1(src))))
+        if self.dropout2.p and self.training:
+            ffn = self.linear2(self.dropout2(F.relu(self.linear1(src))))
+        else:  # the same FFN, its (B, S, dim_feedforward) hidden recomputed in backward instead of saved
+            ffn = feed_forward(src, self.linear1, self.linear2, "relu")
         return self.norm2(src + self.dropout3(ffn))
 
 

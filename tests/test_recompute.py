@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from densepred.utils.recompute import gelu_linear, linear_of_sum
+from densepred.utils.recompute import feed_forward, linear_of_sum
 
 
 def _saved_bytes(fn) -> tuple[torch.Tensor, int]:
@@ -27,19 +27,28 @@ def _grads(out: torch.Tensor, grad: torch.Tensor, tensors) -> list[torch.Tensor]
     return list(torch.autograd.grad(out, tensors, grad))
 
 
-@pytest.mark.parametrize("approximate", ["none", "tanh"])
-def test_gelu_linear_equals_the_plain_layers_and_saves_one_hidden(approximate):
+@pytest.mark.parametrize("activation", ["relu", "gelu", "gelu_tanh"])
+def test_feed_forward_equals_the_plain_layers_and_saves_no_hidden(activation):
     torch.manual_seed(0)
     fc1, fc2 = nn.Linear(8, 32).double(), nn.Linear(32, 8).double()
     x = torch.randn(2, 5, 8, dtype=torch.float64, requires_grad=True)
     grad = torch.randn(2, 5, 8, dtype=torch.float64)
     leaves = [x, fc1.weight, fc1.bias, fc2.weight, fc2.bias]
-    plain, plain_bytes = _saved_bytes(lambda: fc2(F.gelu(fc1(x), approximate=approximate)))
-    lean, lean_bytes = _saved_bytes(lambda: gelu_linear(fc1(x), fc2, approximate))
+    act = {"relu": F.relu, "gelu": F.gelu, "gelu_tanh": lambda h: F.gelu(h, approximate="tanh")}[activation]
+    plain, plain_bytes = _saved_bytes(lambda: fc2(act(fc1(x))))
+    lean, lean_bytes = _saved_bytes(lambda: feed_forward(x, fc1, fc2, activation))
     torch.testing.assert_close(lean, plain, rtol=0, atol=1e-12)
     for ours, reference in zip(_grads(lean, grad, leaves), _grads(plain, grad, leaves), strict=True):
         torch.testing.assert_close(ours, reference, rtol=0, atol=1e-12)
-    assert plain_bytes - lean_bytes == 2 * 5 * 32 * 8  # the (2, 5, 32) float64 GELU output is not kept
+    # both keep x and the weights (lean also fc1's bias, to recompute the hidden); plain keeps the (2, 5, 32)
+    # float64 hidden once for ReLU (its output, also fc2's input), twice for GELU (its input and its output)
+    hidden_bytes = 2 * 5 * 32 * 8
+    assert plain_bytes - lean_bytes == hidden_bytes * (1 if activation == "relu" else 2) - 32 * 8
+
+
+def test_feed_forward_refuses_an_unknown_activation():
+    with pytest.raises(ValueError, match="'silu' is not one of"):
+        feed_forward(torch.randn(2, 8), nn.Linear(8, 16), nn.Linear(16, 8), "silu")
 
 
 @pytest.mark.parametrize("contiguous_pos", [True, False])
@@ -65,7 +74,7 @@ def test_linear_of_sum_equals_linear_of_the_sum_and_does_not_save_it(contiguous_
 
 def test_lean_layers_under_bf16_autocast_equal_the_plain_layers_under_it():
     torch.manual_seed(0)
-    fc1, projection, fc2 = nn.Linear(8, 32), nn.Linear(8, 32), nn.Linear(32, 8)
+    fc1, projection, fc2 = nn.Linear(8, 32), nn.Linear(8, 8), nn.Linear(32, 8)
     x = torch.randn(4, 8, requires_grad=True)
     pos = torch.randn(4, 8, requires_grad=True)
     grad = torch.randn(4, 8)
@@ -74,9 +83,9 @@ def test_lean_layers_under_bf16_autocast_equal_the_plain_layers_under_it():
     def run(lean: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
         with torch.autocast("cpu", dtype=torch.bfloat16):
             if lean:
-                out = gelu_linear(fc1(x) + linear_of_sum(x, pos, projection.weight, projection.bias), fc2)
+                out = feed_forward(x + linear_of_sum(x, pos, projection.weight, projection.bias), fc1, fc2, "gelu")
             else:
-                out = fc2(F.gelu(fc1(x) + projection(x + pos)))
+                out = fc2(F.gelu(fc1(x + projection(x + pos))))
         assert out.dtype == torch.bfloat16
         return out, _grads(out, grad.bfloat16(), leaves)
 
@@ -88,9 +97,10 @@ def test_lean_layers_under_bf16_autocast_equal_the_plain_layers_under_it():
 
 
 def test_without_autograd_the_plain_ops_run():
-    fc2 = nn.Linear(32, 8)
-    hidden = torch.randn(3, 32)
+    fc1, fc2 = nn.Linear(8, 32), nn.Linear(32, 8)
+    x = torch.randn(3, 8)
     with torch.no_grad():
-        torch.testing.assert_close(gelu_linear(hidden, fc2), fc2(F.gelu(hidden)), rtol=0, atol=0)
-        out = linear_of_sum(hidden, hidden, fc2.weight, fc2.bias)
+        out = feed_forward(x, fc1, fc2, "gelu")
+        torch.testing.assert_close(out, fc2(F.gelu(fc1(x))), rtol=0, atol=0)
+        assert linear_of_sum(x, x, fc1.weight, fc1.bias).grad_fn is None
     assert out.grad_fn is None

@@ -1,11 +1,12 @@
-"""Linear layers whose autograd saves less: a cheap elementwise input recomputed in backward.
+"""Layers whose autograd saves less: inputs one cheap op away from a kept tensor are recomputed in backward.
 
-Autograd saves every operand a backward needs. Two patterns of the models save a tensor that is one cheap
-elementwise op away from another saved tensor:
+Autograd saves every operand a backward needs. Two patterns of the models save tensors that are one cheap op
+away from another saved tensor:
 
-- `gelu_linear`: an MLP's `fc2(gelu(h))`. GELU's backward needs `h`, fc2's weight gradient needs `gelu(h)`:
-  two hidden-sized tensors per block (the largest activations of a Swin or ViT block). Here only `h` is saved
-  and `gelu(h)` is recomputed in backward (one elementwise pass).
+- `feed_forward`: an MLP's `fc2(act(fc1(x)))`. The activation's backward needs `fc1(x)` (GELU) or its output
+  (ReLU), fc2's weight gradient needs the activation's output: one or two hidden-sized tensors per block (the
+  largest activations of a Swin block or a deformable encoder layer), while `x` is kept anyway by `fc1`. Here
+  only `x` is saved; the hidden activations are recomputed in backward (one more `fc1` product).
 - `linear_of_sum`: a projection of `x + pos` (deformable attention's offsets and weights of a query with its
   position embedding), whose weight gradient needs the sum. Here `x` and `pos` are saved (both are kept for
   other uses: `x` by the value projection, `pos` shared by every layer) and the sum is recomputed.
@@ -38,54 +39,82 @@ def _flat(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def _weight_grads(
-    ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor, inputs: torch.Tensor, weight_index: int
+    needs: tuple[bool, bool], grad: torch.Tensor, inputs: torch.Tensor, dtypes: tuple[torch.dtype, torch.dtype]
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """Gradients of a linear layer's weight and bias (in their own dtypes) from the output gradient and the
-    layer's input."""
+    """Gradients of a linear layer's weight and bias (where `needs` asks, in `dtypes`) from the output gradient
+    and the layer's input."""
     grad_weight = grad_bias = None
-    if ctx.needs_input_grad[weight_index]:
-        grad_weight = (_flat(grad).t() @ _flat(inputs)).to(ctx.weight_dtype)
-    if ctx.needs_input_grad[weight_index + 1]:
-        grad_bias = _flat(grad).sum(0).to(ctx.bias_dtype)
+    if needs[0]:
+        grad_weight = (_flat(grad).t() @ _flat(inputs)).to(dtypes[0])
+    if needs[1]:
+        grad_bias = _flat(grad).sum(0).to(dtypes[1])
     return grad_weight, grad_bias
 
 
-class _GeluLinear(torch.autograd.Function):
+_ACTIVATIONS = ("relu", "gelu", "gelu_tanh")
+
+
+def _activate(hidden: torch.Tensor, activation: str) -> torch.Tensor:
+    if activation == "relu":
+        return F.relu(hidden)
+    return F.gelu(hidden, approximate="tanh" if activation == "gelu_tanh" else "none")
+
+
+def _activation_backward(grad: torch.Tensor, hidden: torch.Tensor, activated: torch.Tensor, activation: str):
+    """The activation's own backward (what autograd runs for it): ReLU's from its output, GELU's from its input."""
+    if activation == "relu":
+        return torch.ops.aten.threshold_backward(grad, activated, 0)
+    return torch.ops.aten.gelu_backward(grad, hidden, approximate="tanh" if activation == "gelu_tanh" else "none")
+
+
+class _FeedForward(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, approximate: str):  # noqa: D102
-        dtype = _compute_dtype(hidden.device.type, hidden.dtype)
-        ctx.weight_dtype, ctx.bias_dtype, ctx.input_dtype = weight.dtype, bias.dtype, hidden.dtype
-        ctx.approximate, ctx.device_type = approximate, hidden.device.type
-        hidden, weight, bias = hidden.to(dtype), weight.to(dtype), bias.to(dtype)
-        ctx.save_for_backward(hidden, weight)
+    def forward(ctx, x, weight1, bias1, weight2, bias2, activation: str):  # noqa: D102
+        dtype = _compute_dtype(x.device.type, x.dtype)
+        ctx.x_dtype, ctx.dtypes1, ctx.dtypes2 = x.dtype, (weight1.dtype, bias1.dtype), (weight2.dtype, bias2.dtype)
+        ctx.activation, ctx.device_type = activation, x.device.type
+        x, weight1, bias1, weight2, bias2 = (t.to(dtype) for t in (x, weight1, bias1, weight2, bias2))
+        ctx.save_for_backward(x, weight1, bias1, weight2)
         with torch.autocast(ctx.device_type, enabled=False):
-            return F.linear(F.gelu(hidden, approximate=approximate), weight, bias)
+            return F.linear(_activate(F.linear(x, weight1, bias1), activation), weight2, bias2)
 
     @staticmethod
     def backward(ctx, grad):  # noqa: D102
-        hidden, weight = ctx.saved_tensors
-        grad_hidden = None
+        x, weight1, bias1, weight2 = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        grad_x = grad_weight1 = grad_bias1 = None
         with torch.autocast(ctx.device_type, enabled=False):
-            grad = grad.to(weight.dtype)
-            grad_weight, grad_bias = _weight_grads(ctx, grad, F.gelu(hidden, approximate=ctx.approximate), 1)
-            if ctx.needs_input_grad[0]:
-                grad_hidden = torch.ops.aten.gelu_backward(grad @ weight, hidden, approximate=ctx.approximate)
-                grad_hidden = grad_hidden.to(ctx.input_dtype)
-        return grad_hidden, grad_weight, grad_bias, None
+            grad = grad.to(weight2.dtype)
+            hidden = F.linear(x, weight1, bias1)  # recomputed: the forward's op on the forward's operands
+            activated = _activate(hidden, ctx.activation)
+            grad_weight2, grad_bias2 = _weight_grads(needs[3:5], grad, activated, ctx.dtypes2)
+            if any(needs[:3]):
+                grad_hidden = _activation_backward(grad @ weight2, hidden, activated, ctx.activation)
+                del hidden, activated
+                grad_weight1, grad_bias1 = _weight_grads(needs[1:3], grad_hidden, x, ctx.dtypes1)
+                if needs[0]:
+                    grad_x = (grad_hidden @ weight1).to(ctx.x_dtype)
+        return grad_x, grad_weight1, grad_bias1, grad_weight2, grad_bias2, None
 
 
-def gelu_linear(hidden: torch.Tensor, linear: nn.Linear, approximate: str = "none") -> torch.Tensor:
-    """`linear(gelu(hidden))`, (..., D_in) -> (..., D_out), saving `hidden` only for backward."""
-    if linear.bias is None or not _needs_autograd(hidden, linear.weight, linear.bias):
-        return linear(F.gelu(hidden, approximate=approximate))
-    return _GeluLinear.apply(hidden, linear.weight, linear.bias, approximate)
+def feed_forward(x: torch.Tensor, fc1: nn.Linear, fc2: nn.Linear, activation: str = "relu") -> torch.Tensor:
+    """`fc2(act(fc1(x)))`, (..., D) -> (..., D_out), saving `x` only for backward (no dropout inside).
+
+    `activation`: "relu", "gelu" or "gelu_tanh". The hidden activations are recomputed in backward (one more
+    `fc1` product) instead of kept: a (..., hidden) tensor or two per block, the largest of a transformer layer.
+    """
+    if activation not in _ACTIVATIONS:
+        raise ValueError(f"feed_forward activation {activation!r} is not one of {list(_ACTIVATIONS)}")
+    if fc1.bias is None or fc2.bias is None or not _needs_autograd(x, *fc1.parameters(), *fc2.parameters()):
+        return fc2(_activate(fc1(x), activation))
+    return _FeedForward.apply(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias, activation)
 
 
 class _LinearOfSum(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, pos, weight, bias):  # noqa: D102
         dtype = _compute_dtype(x.device.type, x.dtype)
-        ctx.weight_dtype, ctx.bias_dtype, ctx.device_type = weight.dtype, bias.dtype, x.device.type
+        ctx.weight_dtypes, ctx.device_type = (weight.dtype, bias.dtype), x.device.type
         ctx.x_dtype, ctx.pos_dtype = x.dtype, pos.dtype
         ctx.save_for_backward(x, pos, weight)
         with torch.autocast(ctx.device_type, enabled=False):
@@ -97,7 +126,8 @@ class _LinearOfSum(torch.autograd.Function):
         grad_x = grad_pos = None
         with torch.autocast(ctx.device_type, enabled=False):
             dtype = grad.dtype
-            grad_weight, grad_bias = _weight_grads(ctx, grad, (x + pos).to(dtype), 2)
+            summed = (x + pos).to(dtype)
+            grad_weight, grad_bias = _weight_grads(ctx.needs_input_grad[2:4], grad, summed, ctx.weight_dtypes)
             if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
                 grad_sum = grad @ weight.to(dtype)
                 if ctx.needs_input_grad[0]:
