@@ -48,7 +48,21 @@ def create_backbone(name: str, out_features=None, out_indices=None, **kwargs: An
             f"unknown backbone {name!r}.{hint} Registered: {list_backbones()}. "
             "Any timm model is available through backbones.TimmBackbone(model_name)."
         )
-    return _FACTORIES[name](out_features=out_features, out_indices=out_indices, **kwargs)
+    try:
+        return _FACTORIES[name](out_features=out_features, out_indices=out_indices, **kwargs)
+    except TypeError as error:  # a config key the backbone does not take: name it and the fix
+        if "unexpected keyword argument" not in str(error):
+            raise
+        hint = (
+            " `pyramid` is an option of the plain ViT backbones (backbone=dinov2_small, dinov2_base, eva02_base); "
+            "head=eomt sets it to null because it reads such a ViT's tokens, so use head=eomt with one of them."
+            if "pyramid" in kwargs
+            else ""
+        )
+        raise ValueError(
+            f"backbone {name!r} does not take a config key: {error}. Remove it (`~backbone.<key>` on the command "
+            f"line) or choose a backbone that has it.{hint}"
+        ) from error
 
 
 def register_class(cls: ClassT) -> ClassT:

@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 
 from densepred.backbones import Backbone
@@ -32,3 +33,13 @@ def test_backbone_config_builds_the_four_pyramid_levels(choice):
     assert [tuple(m.shape) for m in maps] == [
         (1, c, -(-64 // s), -(-96 // s)) for c, s in zip(backbone.channels, backbone.strides, strict=True)
     ]
+
+
+def test_a_key_the_backbone_does_not_take_is_named_with_the_fix():
+    # head=eomt sets backbone.pyramid=null, an option of the plain ViTs only: on the default ResNet-18 the error
+    # names the backbone, the key and the backbones that take it
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=["head=eomt"])
+    expected = r"backbone 'resnet18' does not take a config key: .*'pyramid'.*dinov2_small"
+    with pytest.raises(InstantiationException, match=expected):
+        instantiate(cfg.backbone)
