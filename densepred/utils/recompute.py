@@ -51,20 +51,21 @@ def _weight_grads(
     return grad_weight, grad_bias
 
 
-_ACTIVATIONS = ("relu", "gelu", "gelu_tanh")
+_GELU_APPROXIMATE = {"gelu": "none", "gelu_tanh": "tanh"}  # feed_forward's GELU names -> F.gelu's `approximate`
+_ACTIVATIONS = ("relu", *_GELU_APPROXIMATE)
 
 
 def _activate(hidden: torch.Tensor, activation: str) -> torch.Tensor:
     if activation == "relu":
         return F.relu(hidden)
-    return F.gelu(hidden, approximate="tanh" if activation == "gelu_tanh" else "none")
+    return F.gelu(hidden, approximate=_GELU_APPROXIMATE[activation])
 
 
 def _activation_backward(grad: torch.Tensor, hidden: torch.Tensor, activated: torch.Tensor, activation: str):
     """The activation's own backward (what autograd runs for it): ReLU's from its output, GELU's from its input."""
     if activation == "relu":
         return torch.ops.aten.threshold_backward(grad, activated, 0)
-    return torch.ops.aten.gelu_backward(grad, hidden, approximate="tanh" if activation == "gelu_tanh" else "none")
+    return torch.ops.aten.gelu_backward(grad, hidden, approximate=_GELU_APPROXIMATE[activation])
 
 
 class _FeedForward(torch.autograd.Function):
