@@ -108,6 +108,26 @@ def test_module_uses_the_registered_implementation_and_offsets_in_pixels():
         torch.testing.assert_close(dy, torch.zeros(5, 2), atol=1e-6, rtol=0)
 
 
+def test_self_attention_with_one_position_embedding_for_the_batch_keeps_no_query_plus_position_sum():
+    # as in the pixel decoder's encoder layers: query = value = src (B, S, C), query_pos (1, S, C) for the batch
+    attn = MSDeformAttn(embed_dim=8, num_levels=3, num_heads=2, num_points=2)
+    total = sum(h * w for h, w in SHAPES)
+    src = torch.randn(2, total, 8, requires_grad=True)
+    pos = torch.randn(1, total, 8, requires_grad=True)
+    sized_like_src = set()
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage().data_ptr()
+        if tensor.numel() == src.numel() and storage != src.untyped_storage().data_ptr():
+            sized_like_src.add(storage)
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        attn(src, torch.rand(2, total, 3, 2), src, SHAPES, [0, 15, 21], query_pos=pos)
+    # besides src itself, only the output projection's input: not src + pos for the offsets and for the weights
+    assert len(sized_like_src) == 1
+
+
 def test_unknown_implementation_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown multi-scale deformable attention implementation 'cuda'.*pytorch"):
         MSDeformAttn(implementation="cuda")

@@ -51,12 +51,13 @@ def test_feed_forward_refuses_an_unknown_activation():
         feed_forward(torch.randn(2, 8), nn.Linear(8, 16), nn.Linear(16, 8), "silu")
 
 
-@pytest.mark.parametrize("contiguous_pos", [True, False])
-def test_linear_of_sum_equals_linear_of_the_sum_and_does_not_save_it(contiguous_pos):
+@pytest.mark.parametrize("pos_layout", ["contiguous", "strided", "broadcast"])
+def test_linear_of_sum_equals_linear_of_the_sum_and_does_not_save_it(pos_layout):
     torch.manual_seed(0)
     x = torch.randn(2, 6, 16, dtype=torch.float64, requires_grad=True)
-    pos_base = torch.randn(2, 16, 6, dtype=torch.float64, requires_grad=True)
-    pos = pos_base.transpose(1, 2).contiguous() if contiguous_pos else pos_base.transpose(1, 2)
+    # "broadcast": one embedding for the batch, as the pixel decoder's (1, S, C) position embedding
+    pos_base = torch.randn(1 if pos_layout == "broadcast" else 2, 16, 6, dtype=torch.float64, requires_grad=True)
+    pos = pos_base.transpose(1, 2).contiguous() if pos_layout == "contiguous" else pos_base.transpose(1, 2)
     weight = torch.randn(12, 16, dtype=torch.float64, requires_grad=True)
     bias = torch.randn(12, dtype=torch.float64, requires_grad=True)
     grad = torch.randn(2, 6, 12, dtype=torch.float64)
@@ -69,7 +70,7 @@ def test_linear_of_sum_equals_linear_of_the_sum_and_does_not_save_it(contiguous_
     # plain keeps the (2, 6, 16) sum beside the weight; lean keeps x, pos and the weight, both of which the
     # models keep anyway (the value projection's input, the position embedding shared by all layers)
     assert plain_bytes == (2 * 6 * 16 + 12 * 16) * 8
-    assert lean_bytes == (2 * 6 * 16 * 2 + 12 * 16) * 8
+    assert lean_bytes == (2 * 6 * 16 + pos_base.numel() + 12 * 16) * 8
 
 
 def test_lean_layers_under_bf16_autocast_equal_the_plain_layers_under_it():

@@ -116,7 +116,7 @@ class _LinearOfSum(torch.autograd.Function):
     def forward(ctx, x, pos, weight, bias):  # noqa: D102
         dtype = _compute_dtype(x.device.type, x.dtype)
         ctx.weight_dtypes, ctx.device_type = (weight.dtype, bias.dtype), x.device.type
-        ctx.x_dtype, ctx.pos_dtype = x.dtype, pos.dtype
+        ctx.x_dtype, ctx.pos_dtype, ctx.pos_shape = x.dtype, pos.dtype, pos.shape
         ctx.save_for_backward(x, pos, weight)
         with torch.autocast(ctx.device_type, enabled=False):
             return F.linear((x + pos).to(dtype), weight.to(dtype), bias.to(dtype))
@@ -133,14 +133,14 @@ class _LinearOfSum(torch.autograd.Function):
                 grad_sum = grad @ weight.to(dtype)
                 if ctx.needs_input_grad[0]:
                     grad_x = grad_sum.to(ctx.x_dtype)
-                if ctx.needs_input_grad[1]:
-                    grad_pos = grad_sum.to(ctx.pos_dtype)
+                if ctx.needs_input_grad[1]:  # summed over the dimensions pos was broadcast along
+                    grad_pos = grad_sum.sum_to_size(ctx.pos_shape).to(ctx.pos_dtype)
         return grad_x, grad_pos, grad_weight, grad_bias
 
 
 def linear_of_sum(x: torch.Tensor, pos: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """`F.linear(x + pos, weight, bias)` for x, pos (..., D_in) of one shape, saving `x` and `pos` (not their
-    sum) for backward."""
-    if x.shape != pos.shape or not _needs_autograd(x, pos, weight, bias):
+    """`F.linear(x + pos, weight, bias)` for x (..., D_in) and pos broadcastable to x's shape (e.g. one position
+    embedding (1, S, D_in) for a batch (B, S, D_in)), saving `x` and `pos` (not their sum) for backward."""
+    if torch.broadcast_shapes(x.shape, pos.shape) != x.shape or not _needs_autograd(x, pos, weight, bias):
         return F.linear(x + pos, weight, bias)
     return _LinearOfSum.apply(x, pos, weight, bias)
