@@ -18,6 +18,7 @@ from torch import nn
 
 from densepred.heads.mask_prediction import MaskPrediction
 from densepred.layers import MLP, NeckOutput, PositionEmbeddingSine, multi_head_attention
+from densepred.utils.recompute import feed_forward
 
 
 def masked_attention_mask(mask_logits: torch.Tensor, size: tuple[int, int], num_heads: int) -> torch.Tensor:
@@ -75,7 +76,10 @@ class MaskedAttentionDecoderLayer(nn.Module):
         q = queries + query_pos
         attended = multi_head_attention(self.self_attn, q, q, queries)
         queries = self.self_attn_norm(queries + self.dropout(attended))
-        ffn = self.linear2(self.dropout(F.relu(self.linear1(queries))))
+        if self.dropout.p and self.training:
+            ffn = self.linear2(self.dropout(F.relu(self.linear1(queries))))
+        else:  # the same FFN, its (B, Q, dim_feedforward) hidden recomputed in backward instead of saved
+            ffn = feed_forward(queries, self.linear1, self.linear2, "relu")
         return self.ffn_norm(queries + self.dropout(ffn))
 
 
