@@ -55,9 +55,10 @@ _GELU_APPROXIMATE = {"gelu": "none", "gelu_tanh": "tanh"}  # feed_forward's GELU
 _ACTIVATIONS = ("relu", *_GELU_APPROXIMATE)
 
 
-def _activate(hidden: torch.Tensor, activation: str) -> torch.Tensor:
+def _activate(hidden: torch.Tensor, activation: str, reuse: bool = False) -> torch.Tensor:
+    """The activation of `hidden`; `reuse`: ReLU may overwrite `hidden` (GELU's backward needs its input)."""
     if activation == "relu":
-        return F.relu(hidden)
+        return hidden.relu_() if reuse else F.relu(hidden)
     return F.gelu(hidden, approximate=_GELU_APPROXIMATE[activation])
 
 
@@ -77,7 +78,7 @@ class _FeedForward(torch.autograd.Function):
         x, weight1, bias1, weight2, bias2 = (t.to(dtype) for t in (x, weight1, bias1, weight2, bias2))
         ctx.save_for_backward(x, weight1, bias1, weight2)
         with torch.autocast(ctx.device_type, enabled=False):
-            return F.linear(_activate(F.linear(x, weight1, bias1), activation), weight2, bias2)
+            return F.linear(_activate(F.linear(x, weight1, bias1), activation, reuse=True), weight2, bias2)
 
     @staticmethod
     def backward(ctx, grad):  # noqa: D102
@@ -87,7 +88,7 @@ class _FeedForward(torch.autograd.Function):
         with torch.autocast(ctx.device_type, enabled=False):
             grad = grad.to(weight2.dtype)
             hidden = F.linear(x, weight1, bias1)  # recomputed: the forward's op on the forward's operands
-            activated = _activate(hidden, ctx.activation)
+            activated = _activate(hidden, ctx.activation, reuse=True)  # ReLU's backward reads its output only
             grad_weight2, grad_bias2 = _weight_grads(needs[3:5], grad, activated, ctx.dtypes2)
             if any(needs[:3]):
                 grad_hidden = _activation_backward(grad @ weight2, hidden, activated, ctx.activation)
