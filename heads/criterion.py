@@ -61,6 +61,60 @@ def dice_loss(logits: torch.Tensor, targets: torch.Tensor, num_masks: torch.Tens
     return (1 - (numerator + 1) / (denominator + 1)).sum() / num_masks
 
 
+class _PointMaskLosses(torch.autograd.Function):
+    """(BCE, dice) of `sigmoid_ce_loss` and `dice_loss` on logits sampled at points, keeping for backward only
+    the logits, the points and the targets: the sampled logits and their sigmoid are recomputed there."""
+
+    @staticmethod
+    def forward(ctx, logits, grid, targets, num_masks):  # noqa: D102
+        ctx.save_for_backward(logits, grid, targets, num_masks)
+        with torch.autocast(logits.device.type, enabled=False):  # in the logits' dtype, float32 in the criterion
+            values = F.grid_sample(logits, grid, mode="bilinear", align_corners=False)[:, 0, :, 0]  # (M, P)
+            return sigmoid_ce_loss(values, targets, num_masks), dice_loss(values, targets, num_masks)
+
+    @staticmethod
+    def backward(ctx, grad_bce, grad_dice):  # noqa: D102
+        logits, grid, targets, num_masks = ctx.saved_tensors
+        with torch.autocast(logits.device.type, enabled=False):
+            return (
+                _PointMaskLosses._grad_logits(logits, grid, targets, num_masks, grad_bce, grad_dice),
+                None,
+                None,
+                None,
+            )
+
+    @staticmethod
+    def _grad_logits(logits, grid, targets, num_masks, grad_bce, grad_dice) -> torch.Tensor:
+        values = F.grid_sample(logits, grid, mode="bilinear", align_corners=False)[:, 0, :, 0]
+        prob = values.sigmoid()
+        # dice 1 - N / D per mask, N = 2 sum(p t) + 1, D = sum(p) + sum(t) + 1: d/dp_j = (N - 2 t_j D) / D^2,
+        # times p (1 - p) for the sigmoid (sigmoid_backward); BCE: d/dx of mean_P(bce) / n is (p - t) / (P n)
+        numerator = 2 * torch.linalg.vecdot(prob, targets) + 1
+        denominator = prob.sum(-1) + targets.sum(-1) + 1
+        scale = (grad_dice / num_masks / denominator.square())[:, None]  # (M, 1)
+        grad_prob = torch.addcmul(scale * numerator[:, None], targets, -2 * scale * denominator[:, None])
+        grad_values = torch.ops.aten.sigmoid_backward(grad_prob, prob)
+        bce_scale = grad_bce / (values.shape[1] * num_masks)
+        grad_values.addcmul_(prob, bce_scale).addcmul_(targets, -bce_scale)
+        # bilinear, zero padding, align_corners=False: grid_sample's own backward
+        return torch.ops.aten.grid_sampler_2d_backward(
+            grad_values[:, None, :, None], logits, grid, 0, 0, False, [True, False]
+        )[0]
+
+
+def point_mask_losses(
+    logits: torch.Tensor, points: torch.Tensor, targets: torch.Tensor, num_masks: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`sigmoid_ce_loss` and `dice_loss` of float32 mask logits (M, 1, h, w) read at `points` (M, P, 2), (x, y) in
+    [0, 1] (`point_sample`), against `targets` (M, P): the same values, the point logits and their sigmoid not
+    kept for backward (recomputed there: two (M, P) tensors less per prediction)."""
+    if not (torch.is_grad_enabled() and logits.requires_grad):
+        values = point_sample(logits, points)[:, 0]
+        return sigmoid_ce_loss(values, targets, num_masks), dice_loss(values, targets, num_masks)
+    grid = (2.0 * points.unsqueeze(2) - 1.0).to(logits.dtype)  # point_sample's grid
+    return _PointMaskLosses.apply(logits, grid, targets.to(logits.dtype), num_masks)
+
+
 def average_num_masks(num_masks: int, device: torch.device) -> torch.Tensor:
     """The number of target masks averaged over distributed ranks (all_reduce when initialised), at least 1.
 
@@ -194,11 +248,8 @@ class SetCriterion(nn.Module):
                 # points, instead of gathering (M, H, W) masks (the same values)
                 target_points = points.new_zeros(mask_values.shape[0], *points.shape[1:]).index_copy(0, target, points)
                 target_values = point_sample(mask_values, target_points)[target, 0]  # (M, P)
-            logit_values = point_sample(logits, points)[:, 0]  # (M, P)
-            return {
-                "loss_mask": sigmoid_ce_loss(logit_values, target_values, num_masks),
-                "loss_dice": dice_loss(logit_values, target_values, num_masks),
-            }
+            loss_mask, loss_dice = point_mask_losses(logits, points, target_values, num_masks)
+            return {"loss_mask": loss_mask, "loss_dice": loss_dice}
         targets = mask_values[target]
         upsampled = F.interpolate(logits, size=targets.shape[-2:], mode="bilinear", align_corners=False)
         logit_values, target_values = upsampled.flatten(1), targets.flatten(1)  # (M, H*W)

@@ -8,7 +8,15 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from densepred.heads.criterion import SetCriterion, average_num_masks, dice_loss, sigmoid_ce_loss, sigmoid_focal_loss
+from densepred.heads.criterion import (
+    SetCriterion,
+    average_num_masks,
+    dice_loss,
+    point_mask_losses,
+    sigmoid_ce_loss,
+    sigmoid_focal_loss,
+)
+from densepred.heads.point_sampling import point_sample
 
 LN2, LN3, LN4, LN4_3 = math.log(2), math.log(3), math.log(4), math.log(4 / 3)
 MASKFORMER = {"mask_loss": "full", "class_weight": 1.0, "mask_weight": 20.0, "dice_weight": 1.0}
@@ -84,6 +92,46 @@ def test_batch_without_any_target_gives_zero_mask_losses_and_gradients(mask_loss
     sum(losses.values()).backward()
     assert pred_masks.grad is not None and torch.equal(pred_masks.grad, torch.zeros_like(pred_masks))
     assert pred_logits.grad.abs().sum() > 0
+
+
+def _saved_storages(fn):
+    storages = {}
+
+    def pack(tensor):
+        storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        out = fn()
+    return out, storages
+
+
+@pytest.mark.parametrize(("dtype", "tolerance"), [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("num_masks", [3, 0])
+def test_point_mask_losses_equal_the_plain_losses_and_keep_less(dtype, tolerance, num_masks):
+    generator = torch.Generator().manual_seed(0)
+    logits = (3 * torch.randn(num_masks, 1, 6, 7, generator=generator, dtype=dtype)).requires_grad_(True)
+    points = torch.rand(num_masks, 50, 2, generator=generator, dtype=dtype) * 1.2 - 0.1  # some in the padding
+    targets = torch.rand(num_masks, 50, generator=generator, dtype=dtype).round()
+    count = torch.tensor(2.5)
+    weights = torch.tensor([5.0, 7.0], dtype=dtype)  # the criterion's loss weights, as upstream gradients
+
+    def plain():
+        values = point_sample(logits, points)[:, 0]
+        return sigmoid_ce_loss(values, targets, count), dice_loss(values, targets, count)
+
+    (bce, dice), plain_saved = _saved_storages(plain)
+    (fused_bce, fused_dice), fused_saved = _saved_storages(lambda: point_mask_losses(logits, points, targets, count))
+    torch.testing.assert_close(fused_bce, bce, rtol=0, atol=0)
+    torch.testing.assert_close(fused_dice, dice, rtol=0, atol=0)
+    (grad,) = torch.autograd.grad(weights[0] * bce + weights[1] * dice, logits)
+    (fused_grad,) = torch.autograd.grad(weights[0] * fused_bce + weights[1] * fused_dice, logits)
+    torch.testing.assert_close(fused_grad, grad, rtol=tolerance, atol=tolerance)
+    if num_masks:
+        assert grad.abs().sum() > 0
+        # the fused losses keep the logits, the grid and the targets; not the (M, P) point logits and sigmoid
+        point_bytes = num_masks * 50 * logits.element_size()
+        assert sum(plain_saved.values()) - sum(fused_saved.values()) >= 2 * point_bytes
 
 
 def _random_batch(seed, num_queries=6, num_classes=4, sizes=(3, 0, 2), num_aux=2):
