@@ -31,7 +31,9 @@ a check that both compute the same losses.
 
 Timed: after one first step per side (it creates the AdamW state and gives the loss column), steps
 alternating ours / transformers (the order flips every step), the median of `--steps` steps after
-`--warmup` per side.
+`--warmup` per side. On CPU it also prints each side's median minor page faults and kernel CPU time per step
+(`getrusage`): glibc returns freed blocks above its mmap threshold to the OS, and a step that allocates them again
+pays a page fault per 4 KiB, which makes a side's step time depend on the machine's page-fault cost.
 Memory:
 - `--device cpu`: a first child process of this script builds the transformers model, saves it
   (`save_pretrained`), converts it and saves ours (config + safetensors) and the batch; then each side alone,
@@ -53,6 +55,7 @@ import contextlib
 import gc
 import json
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -150,6 +153,25 @@ def training_step(
             first_loss.append(loss.detach())
 
     return step
+
+
+def counting_faults(step: Callable, counts: list[tuple[int, float]]) -> Callable:
+    """`step` that appends its minor page faults and kernel CPU seconds (this process's `getrusage`) to `counts`:
+    on CPU, memory the allocator returned to the OS and takes back costs a page fault per 4 KiB page."""
+
+    def counted(pixels: torch.Tensor) -> None:
+        before = resource.getrusage(resource.RUSAGE_SELF)
+        step(pixels)
+        after = resource.getrusage(resource.RUSAGE_SELF)
+        counts.append((after.ru_minflt - before.ru_minflt, after.ru_stime - before.ru_stime))
+
+    return counted
+
+
+def fault_summary(counts: list[tuple[int, float]]) -> str:
+    """ "<median faults> (<median kernel ms> ms)" of `counting_faults`' records."""
+    faults = statistics.median(count for count, _ in counts)
+    return f"{faults:.0f} ({statistics.median(seconds for _, seconds in counts) * 1000:.0f} ms)"
 
 
 def count_syncs(step: Callable, pixels: torch.Tensor, device: torch.device, autocast) -> int:
@@ -316,6 +338,9 @@ def main() -> None:
         for step in steps.values():  # a first step creates the AdamW state: every step after it is alike
             with autocast():
                 step(data["pixels"])
+        faults: dict[str, list[tuple[int, float]]] = {key: [] for key in steps}
+        if not cuda:
+            steps = {key: counting_faults(step, faults[key]) for key, step in steps.items()}
         result = measure(steps, data["pixels"], device, autocast, args.warmup, args.steps)
         (ours_ms, ours_mib), (hf_ms, hf_mib) = result["ours"], result["hf"]
         row = (
@@ -334,6 +359,12 @@ def main() -> None:
                 f" {grown['ours']:.0f} | {grown['hf']:.0f} | {grown['ours'] / grown['hf']:.2f} |"
             )
         print(row, flush=True)
+        if not cuda:
+            print(
+                f"# {name} minor page faults per step (median; kernel time): "
+                + ", ".join(f"{key} {fault_summary(counts)}" for key, counts in faults.items()),
+                flush=True,
+            )
         del ours, reference, steps, data
         gc.collect()
         if cuda:
