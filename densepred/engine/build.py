@@ -62,6 +62,7 @@ def build_module(cfg: DictConfig, metadata: Any) -> SegmentationModule:
         compile=cfg.compile,
         channels_last=cfg.channels_last,
         activation_checkpointing=list(cfg.activation_checkpointing or []),
+        recompute_norm_outputs=bool(cfg.get("recompute_norm_outputs", True)),
         output_dir=str(cfg.paths.output_dir),
     )
     if cfg.get("init_from"):

@@ -58,6 +58,7 @@ class SegmentationModule(LightningModule):
         compile: bool | str = False,
         channels_last: bool | None = None,
         activation_checkpointing: Sequence[str] = (),
+        recompute_norm_outputs: bool = True,
         output_dir: str | None = None,
     ) -> None:
         super().__init__()
@@ -67,7 +68,14 @@ class SegmentationModule(LightningModule):
         self.task = task
         self.metadata = dict(metadata)
         num_classes = int(self.metadata["num_classes"])
-        self.model = Segmenter.from_config({**model, "num_classes": num_classes, "channels_last": channels_last})
+        self.model = Segmenter.from_config(
+            {
+                **model,
+                "num_classes": num_classes,
+                "channels_last": channels_last,
+                "recompute_norm_outputs": recompute_norm_outputs,
+            }
+        )
         for part in activation_checkpointing:
             if part not in CHECKPOINTABLE or not hasattr(getattr(self.model, part), "repeated_blocks"):
                 raise ValueError(
