@@ -39,7 +39,10 @@ Memory:
   (`save_pretrained`), converts it and saves ours (config + safetensors) and the batch; then each side alone,
   in a fresh child, builds its model from those files and runs `MEMORY_STEPS` training steps. "peak" is
   that child's `ru_maxrss`, "+" the peak minus its RSS before the model was built (weights, gradients, AdamW
-  state, the step's activations). All
+  state, the step's activations, and what the C allocator keeps of freed blocks). "step" is the peak tensor
+  memory of one more step above the tensors allocated before it (`torch.profiler` with `profile_memory=True`,
+  its allocation records' running total: the CPU counterpart of the CUDA column, gradients and activations,
+  no allocator slack; measured after the RSS peak is read). All
   children run before this process builds any model (a child's `ru_maxrss` starts at its parent's peak).
   `--no-memory` skips them.
 - `--device cuda`: the step's peak `torch.cuda.max_memory_allocated` above what was allocated before it
@@ -195,10 +198,26 @@ def rss_mib() -> float:
     return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, KiB on Linux
 
 
+def step_tensor_peak_mib(step: Callable, pixels: torch.Tensor, autocast) -> float:
+    """The peak of tensor memory during one `step` above what was allocated before it, MiB: the running total of
+    the CPU allocations `torch.profiler` records (`profile_memory=True`), tensors allocated during the step only."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as profiler:
+        with autocast():
+            step(pixels)
+    peak, events = 0, list(profiler.profiler.kineto_results.experimental_event_tree())
+    while events:
+        event = events.pop()
+        if isinstance(event.extra_fields, torch._C._profiler._ExtraFields_Allocation):
+            peak = max(peak, event.extra_fields.total_allocated)
+        events.extend(event.children)
+    return peak / 2**20
+
+
 def child(args: argparse.Namespace) -> None:
     """A memory child. "prepare": build the pair and the batch, save them under `--folder` (this process's
     memory is not reported). "ours" / "hf": load that side's model and the batch, run `MEMORY_STEPS`
-    training steps, print {"before": MiB, "peak": MiB, "loss": step-1 loss} as JSON."""
+    training steps, print {"before": MiB, "peak": MiB, "step": MiB, "loss": step-1 loss} as JSON ("step":
+    `step_tensor_peak_mib` of one more step, after the RSS peak is read)."""
     folder = Path(args.folder)
     device = torch.device(args.device)
     if args.child == "prepare":  # as build_pair, with the files kept: model_speed's MODELS entry
@@ -231,7 +250,9 @@ def child(args: argparse.Namespace) -> None:
     for _ in range(MEMORY_STEPS):
         with autocast():
             step(data["pixels"])
-    print(json.dumps({"before": before, "peak": rss_mib(), "loss": first_loss[0].item()}), flush=True)
+    peak = rss_mib()
+    tensors = step_tensor_peak_mib(step, data["pixels"], autocast) if device.type == "cpu" else float("nan")
+    print(json.dumps({"before": before, "peak": peak, "step": tensors, "loss": first_loss[0].item()}), flush=True)
 
 
 def to_device(value: Any, device: torch.device) -> Any:
@@ -313,7 +334,10 @@ def main() -> None:
         for name, sides in memory.items():  # also in the table below; printed now for a run cut short
             print(
                 f"# peak RSS MiB {name}: "
-                + ", ".join(f"{side} {r['peak']:.0f} (+{r['peak'] - r['before']:.0f})" for side, r in sides.items()),
+                + ", ".join(
+                    f"{side} {r['peak']:.0f} (+{r['peak'] - r['before']:.0f}, step {r['step']:.0f})"
+                    for side, r in sides.items()
+                ),
                 flush=True,
             )
 
@@ -324,7 +348,8 @@ def main() -> None:
         rule += "---|---|---|---|---|"
     elif memory:
         header += " ours peak MiB | HF peak MiB | ours / HF | ours + MiB | HF + MiB | ours / HF |"
-        rule += "---|---|---|---|---|---|"
+        header += " ours step MiB | HF step MiB | ours / HF |"
+        rule += "---|---|---|---|---|---|---|---|---|"
     print(header)
     print(rule)
     for name in args.models:
@@ -357,6 +382,7 @@ def main() -> None:
             row += (
                 f" {mine['peak']:.0f} | {theirs['peak']:.0f} | {mine['peak'] / theirs['peak']:.2f} |"
                 f" {grown['ours']:.0f} | {grown['hf']:.0f} | {grown['ours'] / grown['hf']:.2f} |"
+                f" {mine['step']:.0f} | {theirs['step']:.0f} | {mine['step'] / theirs['step']:.2f} |"
             )
         print(row, flush=True)
         if not cuda:
