@@ -118,7 +118,7 @@ class RecomputedNormOutputs:
 
     def __init__(self, modules: Iterable[nn.Module]) -> None:
         self.watched = [m for m in modules if isinstance(m, NORMS + ACTIVATIONS)]
-        self._recipes: dict[int, weakref.ref[_Recipe]] = {}  # output's storage -> its recipe (lives on the output)
+        self._recipes: dict[int, _Recipe] = {}  # output's storage -> its recipe, while entered
         self._handles: list[Any] = []
         self._saved_hooks: Any = None
         # (activation, its input's recipe) while an activation of a recorded output runs: ReLU saves its own
@@ -145,8 +145,7 @@ class RecomputedNormOutputs:
 
     def _lookup(self, tensor: torch.Tensor) -> _Recipe | None:
         """The live recipe of the recorded output `tensor` is (a view of), if its values are the recorded ones."""
-        ref = self._recipes.get(_storage(tensor))
-        recipe = ref() if ref is not None else None
+        recipe = self._recipes.get(_storage(tensor))
         alive = recipe is not None and recipe.output() is not None
         return recipe if alive and recipe.version == tensor._version and recipe.meta[2] == tensor.dtype else None
 
@@ -155,9 +154,8 @@ class RecomputedNormOutputs:
         self._expected = None if parent is None else (module, parent, args[0])
 
     def _register(self, recipe: _Recipe, output: torch.Tensor) -> None:
-        # the recipe lives as long as the output tensor (or a packed copy of it): kept on the tensor itself
-        output._densepred_recipe = recipe
-        self._recipes[_storage(output)] = weakref.ref(recipe)
+        # held here until the forward ends, then only by the saved copies it replaced
+        self._recipes[_storage(output)] = recipe
 
     def _record(self, module: nn.Module, args: tuple, output: Any) -> None:
         self._expected = None
