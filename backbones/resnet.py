@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from timm.layers import freeze_batch_norm_2d
+import torchvision
 from timm.models.resnet import BasicBlock, Bottleneck, make_blocks
 from torch import nn
 
@@ -28,6 +28,38 @@ from .base import Backbone
 
 NORMS = ("frozen_bn", "bn", "syncbn")
 VARIANTS = ("b", "d")
+
+
+class FrozenBatchNorm2d(torchvision.ops.FrozenBatchNorm2d):
+    """torchvision's FrozenBatchNorm2d computed in its input's dtype, as Detectron2's (Mask2Former's reference).
+
+    Under autocast a bfloat16 convolution output stays bfloat16 instead of being promoted by the float32 statistics,
+    and so do the ReLU and the residual sum after it: the next convolution reads it without a cast copy, and the
+    backbone saves half the bytes. A float32 input gives torchvision's values exactly.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight, bias = self.weight.reshape(1, -1, 1, 1), self.bias.reshape(1, -1, 1, 1)
+        scale = weight * (self.running_var.reshape(1, -1, 1, 1) + self.eps).rsqrt()
+        shift = bias - self.running_mean.reshape(1, -1, 1, 1) * scale
+        return x * scale.to(x.dtype) + shift.to(x.dtype)
+
+
+def freeze_batch_norms(module: nn.Module) -> None:
+    """Replace every BatchNorm2d / SyncBatchNorm below `module` by a `FrozenBatchNorm2d` holding its statistics
+    and affine parameters as buffers (the same state-dict keys, no `num_batches_tracked`)."""
+    for name, child in module.named_children():
+        if not isinstance(child, nn.modules.batchnorm._BatchNorm):
+            freeze_batch_norms(child)
+            continue
+        frozen = FrozenBatchNorm2d(child.num_features, eps=child.eps)
+        with torch.no_grad():
+            for key in ("weight", "bias", "running_mean", "running_var"):
+                if getattr(child, key) is not None:
+                    getattr(frozen, key).copy_(getattr(child, key))
+        setattr(module, name, frozen)
+
+
 BLOCKS = {"basic": BasicBlock, "bottleneck": Bottleneck}
 
 
@@ -115,7 +147,7 @@ class ResNetBackbone(Backbone):
             )
         self._init_weights()
         if norm == "frozen_bn":
-            freeze_batch_norm_2d(self)
+            freeze_batch_norms(self)
         elif norm == "syncbn":
             nn.SyncBatchNorm.convert_sync_batchnorm(self)
         self.freeze_stages(freeze_at)

@@ -6,11 +6,12 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
+import torchvision
 from omegaconf import OmegaConf
 from torch import nn
-from torchvision.ops import FrozenBatchNorm2d
 
 from densepred.backbones import AutoBackbone, Backbone, list_backbones
+from densepred.backbones.resnet import FrozenBatchNorm2d
 from densepred.backbones.swin import SwinBackbone
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -157,6 +158,27 @@ def test_same_weights_same_features_as_timm(name):
     for a, b in zip(ours, levels, strict=True):
         assert a.shape == b.shape
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_frozen_batch_norm_computes_in_its_input_dtype():
+    """float32: torchvision's values exactly; bfloat16 stays bfloat16 (Detectron2's), so a ResNet under autocast
+    yields bfloat16 maps instead of float32 ones promoted by the statistics."""
+    torch.manual_seed(0)
+    reference = torchvision.ops.FrozenBatchNorm2d(6)
+    for buffer in ("weight", "bias", "running_mean"):
+        getattr(reference, buffer).normal_()
+    reference.running_var.uniform_(0.5, 2.0)
+    ours = FrozenBatchNorm2d(6)
+    ours.load_state_dict(reference.state_dict())
+    x = torch.randn(2, 6, 5, 5)
+    assert torch.equal(ours(x), reference(x))
+    low = ours(x.bfloat16())
+    assert low.dtype == torch.bfloat16 and reference(x.bfloat16()).dtype == torch.float32
+    torch.testing.assert_close(low.float(), reference(x), atol=0.05, rtol=0.02)
+    model = AutoBackbone.from_config("resnet18", out_indices=[1, 4])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        maps = model(torch.randn(1, 3, 64, 64)).feature_maps
+    assert [m.dtype for m in maps] == [torch.bfloat16] * 2
 
 
 def test_resnet_norm_choices():
