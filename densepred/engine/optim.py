@@ -14,12 +14,7 @@ NORM_TYPES: tuple[type[nn.Module], ...] = (
     nn.LayerNorm,
     nn.LocalResponseNorm,
 )
-try:  # timm's FrozenBatchNorm2d is not a _NormBase; its buffers hold no parameters, but keep it explicit
-    from timm.layers import FrozenBatchNorm2d
-
-    NORM_TYPES = (*NORM_TYPES, FrozenBatchNorm2d)
-except ImportError:  # pragma: no cover - timm is a hard dependency
-    pass
+# (A frozen BatchNorm is not listed: it holds buffers only, no parameters to group.)
 
 # Parameters (by name) that never get weight decay, as in Mask2Former's build_optimizer, and a ViT's position
 # embeddings, class and register tokens (ViTDet, timm's `no_weight_decay`).
