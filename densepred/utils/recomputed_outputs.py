@@ -7,15 +7,15 @@ post-norm encoder layers save each of their two LayerNorms' inputs and outputs, 
 convolution its GroupNorm's input and its ReLU's output.
 
 `RecomputedNormOutputs` keeps only the inputs. While it is entered, the outputs of the given norm modules (and
-of an activation module applied to such an output) are recorded; when autograd saves one of them (or a view of
+of a ReLU module applied to such an output) are recorded; when autograd saves one of them (or a view of
 it), `torch.autograd.graph.saved_tensors_hooks` keep a recipe instead: the module and its input, which the norm
 kept anyway. The first backward node that needs the tensor runs the module again on that input (under the
 forward's autocast state, without autograd) and the result stays until the last node that saved it has run.
 The recomputed values are bitwise the forward's (the same deterministic kernel on the same input), so values
 and gradients are unchanged (tests/test_recomputed_outputs.py).
 
-What is never recorded: a module called with more than one tensor, an output that shares memory with its input
-(but an in-place activation of a recorded norm output is: its recipe runs both), a tensor modified in place after
+What is never recorded: a module called with more than one tensor, a norm output that shares memory with its
+input (an in-place ReLU of a recorded norm output is recorded: its recipe runs both), a tensor modified in place after
 it was recorded (it is saved as usual), and anything while `torch.compile` traces. Inside an activation-
 checkpointed block the checkpoint's own hooks take precedence (the innermost hooks apply), so checkpointed blocks
 keep their behaviour.
@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 NORMS = (nn.LayerNorm, nn.GroupNorm)  # save their input for backward: recomputing their output costs no memory
-ACTIVATIONS = (nn.ReLU, nn.GELU, nn.SiLU)  # elementwise: recomputed from a recorded norm output
+ACTIVATIONS = (nn.ReLU,)  # saves its own output (the next conv's input): recomputed from a recorded norm output
 
 
 class _Recipe:
@@ -109,8 +109,8 @@ def _storage(tensor: torch.Tensor) -> int:
 
 
 class RecomputedNormOutputs:
-    """Context manager: within it, the outputs of `modules`' norms (LayerNorm, GroupNorm) and of the
-    activations applied to them are recomputed in backward instead of saved (see the module docstring).
+    """Context manager: within it, the outputs of `modules`' norms (LayerNorm, GroupNorm) and of the ReLUs
+    applied to them are recomputed in backward instead of saved (see the module docstring).
 
     `modules`: the modules to watch (typically `model.modules()`; others are ignored). Outside autograd it
     does nothing. Nesting is allowed: the innermost one records and packs.
@@ -118,11 +118,12 @@ class RecomputedNormOutputs:
 
     def __init__(self, modules: Iterable[nn.Module]) -> None:
         self.watched = [m for m in modules if isinstance(m, NORMS + ACTIVATIONS)]
-        self._recipes: dict[int, _Recipe] = {}  # output's storage -> its recipe, while entered
+        # output's storage -> its recipe, until the forward ends; then held only by the saved copies it replaced
+        self._recipes: dict[int, _Recipe] = {}
         self._handles: list[Any] = []
         self._saved_hooks: Any = None
-        # (activation, its input's recipe) while an activation of a recorded output runs: ReLU saves its own
-        # output inside its forward, before the forward hook could record it
+        # (ReLU, its input's recipe, its input) while a ReLU of a recorded output runs: it saves its own output
+        # inside its forward, before a forward hook could record it
         self._expected: tuple[nn.Module, _Recipe, torch.Tensor] | None = None
 
     def __enter__(self) -> RecomputedNormOutputs:
@@ -153,27 +154,14 @@ class RecomputedNormOutputs:
         parent = self._lookup(args[0]) if len(args) == 1 and isinstance(args[0], torch.Tensor) else None
         self._expected = None if parent is None else (module, parent, args[0])
 
-    def _register(self, recipe: _Recipe, output: torch.Tensor) -> None:
-        # held here until the forward ends, then only by the saved copies it replaced
-        self._recipes[_storage(output)] = recipe
-
     def _record(self, module: nn.Module, args: tuple, output: Any) -> None:
-        self._expected = None
-        if len(args) != 1 or not isinstance(args[0], torch.Tensor) or not isinstance(output, torch.Tensor):
+        self._expected = None  # a ReLU's own save, if any, happened inside its forward (`_pack`)
+        if not isinstance(module, NORMS) or len(args) != 1 or not isinstance(output, torch.Tensor):
             return
         (source,) = args
-        if not output.requires_grad or output.numel() == 0 or _storage(output) == _storage(source):
-            return
-        if self._lookup(output) is not None:  # recorded when the module saved it (`_pack`)
-            return
-        if isinstance(module, NORMS):
-            recipe = _Recipe(module, source, output)
-        else:  # an activation: only of a recorded norm output, which is then recomputed too
-            parent = self._lookup(source)
-            if parent is None:
-                return
-            recipe = _Recipe(module, parent, output)
-        self._register(recipe, output)
+        if isinstance(source, torch.Tensor) and output.requires_grad and output.numel():
+            if _storage(output) != _storage(source):
+                self._recipes[_storage(output)] = _Recipe(module, source, output)
 
     def _pack(self, tensor: torch.Tensor) -> Any:
         if not tensor.numel():
@@ -182,10 +170,9 @@ class RecomputedNormOutputs:
         if recipe is None and self._expected is not None:
             module, parent, source = self._expected
             if tensor.shape == source.shape and tensor.dtype == source.dtype and tensor.requires_grad:
-                # the expected activation saving its own output (ReLU): record it now
+                # the expected ReLU saving its own output: record it now
                 self._expected = None
-                recipe = _Recipe(module, parent, tensor)
-                self._register(recipe, tensor)
+                recipe = self._recipes[_storage(tensor)] = _Recipe(module, parent, tensor)
         return tensor if recipe is None or not recipe.pin() else _Packed(recipe, tensor)
 
     @staticmethod
