@@ -20,6 +20,7 @@ from collections.abc import Sequence
 
 import torch
 import torchvision
+from timm.layers import freeze_batch_norm_2d
 from timm.models.resnet import BasicBlock, Bottleneck, make_blocks
 from torch import nn
 
@@ -39,6 +40,7 @@ class FrozenBatchNorm2d(torchvision.ops.FrozenBatchNorm2d):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Copied from torchvision.ops.misc.FrozenBatchNorm2d.forward, with the scale and shift cast to x's dtype
         weight, bias = self.weight.reshape(1, -1, 1, 1), self.bias.reshape(1, -1, 1, 1)
         scale = weight * (self.running_var.reshape(1, -1, 1, 1) + self.eps).rsqrt()
         shift = bias - self.running_mean.reshape(1, -1, 1, 1) * scale
@@ -46,18 +48,12 @@ class FrozenBatchNorm2d(torchvision.ops.FrozenBatchNorm2d):
 
 
 def freeze_batch_norms(module: nn.Module) -> None:
-    """Replace every BatchNorm2d / SyncBatchNorm below `module` by a `FrozenBatchNorm2d` holding its statistics
-    and affine parameters as buffers (the same state-dict keys, no `num_batches_tracked`)."""
-    for name, child in module.named_children():
-        if not isinstance(child, nn.modules.batchnorm._BatchNorm):
-            freeze_batch_norms(child)
-            continue
-        frozen = FrozenBatchNorm2d(child.num_features, eps=child.eps)
-        with torch.no_grad():
-            for key in ("weight", "bias", "running_mean", "running_var"):
-                if getattr(child, key) is not None:
-                    getattr(frozen, key).copy_(getattr(child, key))
-        setattr(module, name, frozen)
+    """timm's `freeze_batch_norm_2d` (every BatchNorm2d / SyncBatchNorm below `module` becomes torchvision's
+    FrozenBatchNorm2d, its statistics and affine parameters as buffers), with this subclass's forward."""
+    freeze_batch_norm_2d(module)
+    for frozen in module.modules():
+        if type(frozen) is torchvision.ops.FrozenBatchNorm2d:
+            frozen.__class__ = FrozenBatchNorm2d  # a subclass with no state of its own: only forward differs
 
 
 BLOCKS = {"basic": BasicBlock, "bottleneck": Bottleneck}
