@@ -39,12 +39,41 @@ class FrozenBatchNorm2d(torchvision.ops.FrozenBatchNorm2d):
     backbone saves half the bytes. A float32 input gives torchvision's values exactly.
     """
 
+    def scale_and_shift(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(C,) float32 scale and shift: the layer computes x * scale + shift per channel."""
+        # Copied from torchvision.ops.misc.FrozenBatchNorm2d.forward, per channel
+        scale = self.weight * (self.running_var + self.eps).rsqrt()
+        return scale, self.bias - self.running_mean * scale
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Copied from torchvision.ops.misc.FrozenBatchNorm2d.forward, with the scale and shift cast to x's dtype
-        weight, bias = self.weight.reshape(1, -1, 1, 1), self.bias.reshape(1, -1, 1, 1)
-        scale = weight * (self.running_var.reshape(1, -1, 1, 1) + self.eps).rsqrt()
-        shift = bias - self.running_mean.reshape(1, -1, 1, 1) * scale
-        return x * scale.to(x.dtype) + shift.to(x.dtype)
+        scale, shift = self.scale_and_shift()
+        return x * scale.to(x.dtype).view(1, -1, 1, 1) + shift.to(x.dtype).view(1, -1, 1, 1)
+
+
+class FoldedFrozenBatchNorm2d(FrozenBatchNorm2d):
+    """A frozen BatchNorm that the convolution before it applies (`FrozenBNConv2d`): it passes its input on.
+
+    Its buffers stay here, where checkpoints have them; only the computation moved into the convolution.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+class FrozenBNConv2d(nn.Conv2d):
+    """A Conv2d and the frozen BatchNorm after it as one convolution: conv(x, W * scale) + shift.
+
+    The same function as the two layers (per output channel, conv(x, W) * scale + shift), up to float rounding,
+    without the two elementwise passes over the convolution's output in forward and the one in backward. The
+    weight gradient flows through `W * scale` to W. `frozen_bn` is not a submodule (it stays where it was).
+    """
+
+    frozen_bn: FrozenBatchNorm2d
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale, shift = self.frozen_bn.scale_and_shift()
+        bias = shift if self.bias is None else self.bias * scale + shift
+        return self._conv_forward(x, self.weight * scale.view(-1, 1, 1, 1), bias)
 
 
 def freeze_batch_norms(module: nn.Module) -> None:
@@ -54,6 +83,31 @@ def freeze_batch_norms(module: nn.Module) -> None:
     for frozen in module.modules():
         if type(frozen) is torchvision.ops.FrozenBatchNorm2d:
             frozen.__class__ = FrozenBatchNorm2d  # a subclass with no state of its own: only forward differs
+
+
+def fold_frozen_batch_norms(module: nn.Module) -> None:
+    """Let every Conv2d directly followed by a FrozenBatchNorm2d apply it (`FrozenBNConv2d`,
+    `FoldedFrozenBatchNorm2d`); the state dict is unchanged.
+
+    The pairs are those of the ResNet layout: `convN` and `bnN` of one module (timm's blocks and the stem; for the
+    deep stem, the last conv of the `conv1` Sequential and `bn1`), and a conv followed by a BN in a Sequential
+    (the shortcuts, the deep stem). A frozen BN in no such pair keeps its own forward.
+    """
+    for parent in module.modules():
+        children = dict(parent.named_children())
+        pairs = [
+            (child, children[f"bn{name[4:]}"])
+            for name, child in children.items()
+            if name.startswith("conv") and f"bn{name[4:]}" in children
+        ]
+        if isinstance(parent, nn.Sequential):
+            pairs += zip(parent[:-1], parent[1:], strict=True)
+        for conv, norm in pairs:
+            if isinstance(conv, nn.Sequential) and len(conv):
+                conv = conv[-1]
+            if type(conv) is nn.Conv2d and type(norm) is FrozenBatchNorm2d:
+                conv.__class__, norm.__class__ = FrozenBNConv2d, FoldedFrozenBatchNorm2d  # no state of their own
+                object.__setattr__(conv, "frozen_bn", norm)  # a plain attribute, not a second registration
 
 
 BLOCKS = {"basic": BasicBlock, "bottleneck": Bottleneck}
@@ -144,6 +198,7 @@ class ResNetBackbone(Backbone):
         self._init_weights()
         if norm == "frozen_bn":
             freeze_batch_norms(self)
+            fold_frozen_batch_norms(self)
         elif norm == "syncbn":
             nn.SyncBatchNorm.convert_sync_batchnorm(self)
         self.freeze_stages(freeze_at)

@@ -1,5 +1,6 @@
 """Native ResNet / Swin / ConvNeXt backbones: stages, shapes, selection changes, freezing, equality with timm."""
 
+import copy
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from densepred.backbones import AutoBackbone, Backbone, list_backbones
-from densepred.backbones.resnet import FrozenBatchNorm2d
+from densepred.backbones.resnet import FoldedFrozenBatchNorm2d, FrozenBatchNorm2d, FrozenBNConv2d
 from densepred.backbones.swin import SwinBackbone
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -181,11 +182,49 @@ def test_frozen_batch_norm_computes_in_its_input_dtype():
     assert [m.dtype for m in maps] == [torch.bfloat16] * 2
 
 
+@pytest.mark.parametrize("name", ["resnet50", "resnet18_vd"])
+def test_frozen_batch_norms_folded_into_their_convolutions(name):
+    """Every frozen BN is applied by the conv before it: the same outputs and gradients (to float rounding) as
+    the same weights with each conv and BN computed apart, under the same state dict keys."""
+    torch.manual_seed(0)
+    model = AutoBackbone.from_config(name, out_indices=ALL)
+    for frozen in model.modules():
+        if isinstance(frozen, FrozenBatchNorm2d):
+            frozen.weight.uniform_(0.5, 1.5), frozen.bias.normal_(), frozen.running_mean.normal_()
+            frozen.running_var.uniform_(0.5, 2.0)
+    unfolded = copy.deepcopy(model)
+    for module in unfolded.modules():
+        if type(module) is FrozenBNConv2d:
+            module.__class__ = nn.Conv2d
+        elif type(module) is FoldedFrozenBatchNorm2d:
+            module.__class__ = FrozenBatchNorm2d
+    assert not any(type(m) is FrozenBatchNorm2d for m in model.modules())
+    assert sum(type(m) is FrozenBNConv2d for m in model.modules()) == sum(
+        type(m) is FrozenBatchNorm2d for m in unfolded.modules()
+    )
+    assert model.state_dict().keys() == unfolded.state_dict().keys()
+    x = torch.randn(2, 3, 64, 64)
+    outputs = []
+    for net in (model, unfolded):
+        maps = net.train()(x).feature_maps
+        sum((m * torch.linspace(-1, 1, m.numel()).view_as(m)).sum() for m in maps).backward()
+        outputs.append((maps, {n: p.grad for n, p in net.named_parameters()}))
+    (maps, grads), (reference_maps, reference_grads) = outputs
+    # to 1e-5 of each tensor's largest value (the random statistics make the deep maps large)
+    for a, b in zip(maps, reference_maps, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5 * b.abs().max().item(), rtol=1e-5)
+    assert grads.keys() == reference_grads.keys()
+    for key, grad in grads.items():
+        reference = reference_grads[key]
+        torch.testing.assert_close(grad, reference, atol=1e-5 * reference.abs().max().item(), rtol=1e-5, msg=key)
+
+
 def test_resnet_norm_choices():
     def norms(model):
         return {type(m) for m in model.modules() if isinstance(m, (nn.modules.batchnorm._BatchNorm, FrozenBatchNorm2d))}
 
-    assert norms(AutoBackbone.from_config("resnet18")) == {FrozenBatchNorm2d}  # fine-tuning default
+    # fine-tuning default: frozen, and applied by the convolution before each
+    assert norms(AutoBackbone.from_config("resnet18")) == {FoldedFrozenBatchNorm2d}
     assert norms(AutoBackbone.from_config("resnet18", norm="bn")) == {nn.BatchNorm2d}
     assert norms(AutoBackbone.from_config("resnet18", norm="syncbn")) == {nn.SyncBatchNorm}
     frozen = AutoBackbone.from_config("resnet18")
