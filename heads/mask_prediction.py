@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from densepred.heads.point_sampling import point_sample
+from densepred.heads.point_sampling import point_sample, point_sample_channels_last
 
 
 def mask_logits(embeds: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
@@ -61,14 +61,16 @@ def mask_logits_at_points(prediction: dict[str, Any], points: torch.Tensor) -> t
     """Bilinear mask logits of every query at `points` (B, P, 2), (x, y) in [0, 1] -> (B, Q, P).
 
     Equals `point_sample(pred_masks, points)`; from embeddings it takes whichever is cheaper: the features
-    sampled at the points (when P < H * W) or the full logits sampled.
+    sampled at the points (when P < H * W), or the full logits computed channels-last, (B, H, W, Q), and sampled
+    there (`point_sample_channels_last`); a transposed view then.
     """
     masks = _computed_masks(prediction)
     if masks is None:
         embeds, features = prediction["pred_mask_embeds"], prediction["mask_features"]
         if points.shape[1] < features.shape[-2] * features.shape[-1]:
             return torch.einsum("bqc,bcp->bqp", embeds, point_sample(features, points).to(embeds.dtype))
-        masks = mask_logits(embeds, features)
+        channels_last = torch.einsum("bqc,bchw->bhwq", embeds, features.to(embeds.dtype))
+        return point_sample_channels_last(channels_last, points.to(embeds.dtype)).transpose(1, 2)
     return point_sample(masks, points)
 
 

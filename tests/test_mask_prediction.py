@@ -16,7 +16,7 @@ from densepred.heads.mask_prediction import (
     selected_mask_logits,
 )
 from densepred.heads.matcher import HungarianMatcher, Matches
-from densepred.heads.point_sampling import point_sample
+from densepred.heads.point_sampling import point_sample, point_sample_channels_last
 from densepred.layers import multi_head_attention
 
 
@@ -38,6 +38,26 @@ def test_logits_at_points_equal_the_sampled_full_logits(num_points):
     # a plain dict of full logits is sampled directly
     plain = {"pred_masks": mask_logits(embeds, features)}
     torch.testing.assert_close(mask_logits_at_points(plain, points), expected)
+
+
+def test_channels_last_point_sample_equals_point_sample():
+    """Values and gradients (maps and points) of `point_sample_channels_last` against `grid_sample`'s, points
+    inside, on the border pixels' outer halves and outside the map (zeros) included."""
+    g = torch.Generator().manual_seed(2)
+    maps = torch.randn(2, 5, 12, 10, generator=g, requires_grad=True)
+    points = (torch.rand(2, 300, 2, generator=g) * 1.2 - 0.1).requires_grad_()
+    weights = torch.randn(2, 5, 300, generator=g)
+    expected = point_sample(maps, points)
+    (expected * weights).sum().backward()
+    expected_grads = maps.grad, points.grad
+    maps.grad = points.grad = None
+    channels_last = maps.permute(0, 2, 3, 1)
+    got = point_sample_channels_last(channels_last, points).transpose(1, 2)
+    (got * weights).sum().backward()
+    assert (expected.abs() > 0).any() and (expected[(points < 0).any(-1)[:, None].expand_as(expected)] == 0).any()
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(maps.grad, expected_grads[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(points.grad, expected_grads[1], atol=1e-4, rtol=1e-4)
 
 
 def test_selected_logits_equal_the_full_logits_of_those_queries():
