@@ -24,6 +24,8 @@ from timm.layers import freeze_batch_norm_2d
 from timm.models.resnet import BasicBlock, Bottleneck, make_blocks
 from torch import nn
 
+from densepred.utils.recompute import scaled_conv2d
+
 from ._registry import register_backbone, register_class
 from .base import Backbone
 
@@ -65,7 +67,8 @@ class FrozenBNConv2d(nn.Conv2d):
 
     The same function as the two layers (per output channel, conv(x, W) * scale + shift), up to float rounding,
     without the two elementwise passes over the convolution's output in forward and the one in backward. The
-    weight gradient flows through `W * scale` to W. `frozen_bn` is not a submodule (it stays where it was).
+    weight gradient flows through `W * scale` to W, which `scaled_conv2d` recomputes in backward rather than
+    keep a second copy of the weights. `frozen_bn` is not a submodule (it stays where it was).
     """
 
     frozen_bn: FrozenBatchNorm2d
@@ -73,7 +76,7 @@ class FrozenBNConv2d(nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         scale, shift = self.frozen_bn.scale_and_shift()
         bias = shift if self.bias is None else self.bias * scale + shift
-        return self._conv_forward(x, self.weight * scale.view(-1, 1, 1, 1), bias)
+        return scaled_conv2d(x, self.weight, scale, bias, self.stride, self.padding, self.dilation, self.groups)
 
 
 def freeze_batch_norms(module: nn.Module) -> None:
@@ -91,7 +94,7 @@ def fold_frozen_batch_norms(module: nn.Module) -> None:
 
     The pairs are those of the ResNet layout: `convN` and `bnN` of one module (timm's blocks and the stem; for the
     deep stem, the last conv of the `conv1` Sequential and `bn1`), and a conv followed by a BN in a Sequential
-    (the shortcuts, the deep stem). A frozen BN in no such pair keeps its own forward.
+    (the shortcuts, the deep stem), zero-padded by ints. A frozen BN in no such pair keeps its own forward.
     """
     for parent in module.modules():
         children = dict(parent.named_children())
@@ -105,7 +108,8 @@ def fold_frozen_batch_norms(module: nn.Module) -> None:
         for conv, norm in pairs:
             if isinstance(conv, nn.Sequential) and len(conv):
                 conv = conv[-1]
-            if type(conv) is nn.Conv2d and type(norm) is FrozenBatchNorm2d:
+            foldable = type(conv) is nn.Conv2d and conv.padding_mode == "zeros" and not isinstance(conv.padding, str)
+            if foldable and type(norm) is FrozenBatchNorm2d:
                 conv.__class__, norm.__class__ = FrozenBNConv2d, FoldedFrozenBatchNorm2d  # no state of their own
                 object.__setattr__(conv, "frozen_bn", norm)  # a plain attribute, not a second registration
 

@@ -7,15 +7,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from densepred.utils.recompute import feed_forward, linear_of_sum
+from densepred.utils.recompute import feed_forward, linear_of_sum, scaled_conv2d
 
 
-def _saved_bytes(fn) -> tuple[torch.Tensor, int]:
-    """Run fn(); the bytes of the distinct storages autograd saved for backward (parameters included)."""
+def _saved_bytes(fn, kept: tuple[torch.Tensor, ...] = ()) -> tuple[torch.Tensor, int]:
+    """Run fn(); the bytes of the distinct storages autograd saved for backward (parameters included), but for
+    those of the `kept` tensors."""
     storages: dict[int, int] = {}
+    excluded = {tensor.untyped_storage().data_ptr() for tensor in kept}
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
-        storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        if tensor.untyped_storage().data_ptr() not in excluded:
+            storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
@@ -93,6 +96,51 @@ def test_lean_layers_under_bf16_autocast_equal_the_plain_layers_under_it():
     (lean, lean_grads), (plain, plain_grads) = run(True), run(False)
     torch.testing.assert_close(lean, plain, rtol=0, atol=0)
     for ours, reference, leaf in zip(lean_grads, plain_grads, leaves, strict=True):
+        assert ours.dtype == leaf.dtype == torch.float32
+        torch.testing.assert_close(ours, reference, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_scaled_conv2d_equals_the_conv_of_the_scaled_weight_and_does_not_save_it(with_bias):
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 9, 7, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(6, 2, 3, 3, dtype=torch.float64, requires_grad=True)  # 2 groups
+    scale = torch.rand(6, dtype=torch.float64) + 0.5
+    bias = torch.randn(6, dtype=torch.float64, requires_grad=True) if with_bias else None
+    conv = {"stride": (2, 1), "padding": (1, 0), "dilation": (1, 2), "groups": 2}
+    grad = torch.randn(2, 6, 5, 3, dtype=torch.float64)
+    leaves = [x, weight] + ([bias] if with_bias else [])
+
+    def plain():
+        return F.conv2d(x, weight * scale[:, None, None, None], bias, **conv)
+
+    # what each saves beyond the inputs, which the model keeps anyway
+    reference, plain_bytes = _saved_bytes(plain, kept=(x, weight, scale))
+    lean, lean_bytes = _saved_bytes(lambda: scaled_conv2d(x, weight, scale, bias, **conv), kept=(x, weight, scale))
+    torch.testing.assert_close(lean, reference, rtol=0, atol=1e-12)
+    for ours, expected in zip(_grads(lean, grad, leaves), _grads(reference, grad, leaves), strict=True):
+        torch.testing.assert_close(ours, expected, rtol=0, atol=1e-12)
+    assert (plain_bytes, lean_bytes) == (weight.numel() * 8, 0)  # plain: the scaled copy of the weight
+
+
+def test_scaled_conv2d_under_bf16_autocast_equals_the_plain_conv_under_it():
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 8, 8, requires_grad=True)
+    weight = torch.randn(5, 4, 3, 3, requires_grad=True)
+    scale, bias = torch.rand(5) + 0.5, torch.randn(5, requires_grad=True)
+    grad = torch.randn(2, 5, 8, 8)
+    results = []
+    for lean in (True, False):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            if lean:
+                out = scaled_conv2d(x, weight, scale, bias, padding=(1, 1))
+            else:
+                out = F.conv2d(x, weight * scale[:, None, None, None], bias, padding=(1, 1))
+        assert out.dtype == torch.bfloat16
+        results.append((out, _grads(out, grad.bfloat16(), [x, weight, bias])))
+    (lean, lean_grads), (plain, plain_grads) = results
+    torch.testing.assert_close(lean, plain, rtol=0, atol=0)
+    for ours, reference, leaf in zip(lean_grads, plain_grads, [x, weight, bias], strict=True):
         assert ours.dtype == leaf.dtype == torch.float32
         torch.testing.assert_close(ours, reference, rtol=0, atol=0)
 

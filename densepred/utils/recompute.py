@@ -10,6 +10,9 @@ away from another saved tensor:
 - `linear_of_sum`: a projection of `x + pos` (deformable attention's offsets and weights of a query with its
   position embedding), whose weight gradient needs the sum. Here `x` and `pos` are saved (both are kept for
   other uses: `x` by the value projection, `pos` shared by every layer) and the sum is recomputed.
+- `scaled_conv2d`: a convolution whose weight is scaled per output channel first (a frozen BatchNorm folded into
+  the convolution before it), whose backward needs the scaled weight: here the weight itself (a parameter, kept
+  anyway) is saved and the scaled copy recomputed, instead of a second copy of every backbone weight.
 
 Values and gradients equal the plain modules' (the same ops, in the same order; tests/test_recompute.py).
 Under autocast the inputs are cast as autocast casts a linear layer's, and the gradients come back in the
@@ -145,3 +148,62 @@ def linear_of_sum(x: torch.Tensor, pos: torch.Tensor, weight: torch.Tensor, bias
     if torch.broadcast_shapes(x.shape, pos.shape) != x.shape or not _needs_autograd(x, pos, weight, bias):
         return F.linear(x + pos, weight, bias)
     return _LinearOfSum.apply(x, pos, weight, bias)
+
+
+def _scaled(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return weight * scale.view(-1, *([1] * (weight.dim() - 1)))
+
+
+class _ScaledConv2d(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, scale, bias, stride, padding, dilation, groups):  # noqa: D102
+        dtype = _compute_dtype(x.device.type, x.dtype)
+        ctx.conv = stride, padding, dilation, groups
+        ctx.dtypes = x.dtype, weight.dtype, None if bias is None else bias.dtype
+        x = x.to(dtype)  # what autocast's convolution saves too
+        ctx.save_for_backward(x, weight, scale)
+        bias = None if bias is None else bias.to(dtype)
+        with torch.autocast(x.device.type, enabled=False):
+            return F.conv2d(x, _scaled(weight, scale).to(dtype), bias, stride, padding, dilation, groups)
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: D102
+        x, weight, scale = ctx.saved_tensors
+        stride, padding, dilation, groups = ctx.conv
+        needs_x, needs_weight, _, needs_bias = ctx.needs_input_grad[:4]
+        scaled = _scaled(weight, scale).to(x.dtype)  # recomputed: the forward's op on the forward's operands
+        grad_x, grad_scaled, grad_bias = torch.ops.aten.convolution_backward(
+            grad.to(x.dtype),
+            x,
+            scaled,
+            [scaled.shape[0]] if needs_bias else None,
+            list(stride),
+            list(padding),
+            list(dilation),
+            False,
+            [0, 0],
+            groups,
+            [needs_x, needs_weight, needs_bias],
+        )
+        x_dtype, weight_dtype, bias_dtype = ctx.dtypes
+        grad_x = None if grad_x is None else grad_x.to(x_dtype)
+        grad_weight = None if grad_scaled is None else _scaled(grad_scaled.to(scale.dtype), scale).to(weight_dtype)
+        grad_bias = None if grad_bias is None else grad_bias.to(bias_dtype)
+        return grad_x, grad_weight, None, grad_bias, None, None, None, None
+
+
+def scaled_conv2d(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    stride: tuple[int, int] = (1, 1),
+    padding: tuple[int, int] = (0, 0),
+    dilation: tuple[int, int] = (1, 1),
+    groups: int = 1,
+) -> torch.Tensor:
+    """`F.conv2d(x, weight * scale[:, None, None, None], bias, ...)` (zero padding given as ints), saving `weight`
+    (not its scaled copy) for backward. `scale` (C_out,) takes no gradient (a frozen BatchNorm's)."""
+    if scale.requires_grad or not _needs_autograd(x, weight, bias):
+        return F.conv2d(x, _scaled(weight, scale), bias, stride, padding, dilation, groups)
+    return _ScaledConv2d.apply(x, weight, scale, bias, tuple(stride), tuple(padding), tuple(dilation), groups)
